@@ -1,0 +1,102 @@
+package mirror
+
+import (
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// outcome is what became of one request, as far as mirroring goes.
+type outcome int
+
+const (
+	sent       outcome = iota // the mirror answered below 500
+	failed                    // error, timeout or an answer of 500 or more
+	dropped                   // every slot was taken
+	tooLarge                  // the body was over maxBodySize
+	sampledOut                // not picked by percent
+	skipped                   // upgrade, loop, or a body the client or primary did not finish
+	numOutcomes
+)
+
+var outcomeNames = [numOutcomes]string{"sent", "failed", "dropped", "tooLarge", "sampledOut", "skipped"}
+
+// logInterval is the least time between two log lines of one middleware.
+const logInterval = 10 * time.Second
+
+// outcomes counts what became of each request and logs the counts at most once per
+// logInterval: to stderr (Traefik's ERROR) when copies failed or were dropped, to stdout
+// (Traefik's DEBUG) otherwise.
+type outcomes struct {
+	name           string
+	stdout, stderr io.Writer
+
+	counts   [numOutcomes]int64 // atomic
+	pending  atomic.Bool        // a line is due; the next outcome need not schedule one
+	nextLine atomic.Int64       // unix nanoseconds before which no line is written
+	lastErr  atomic.Value       // string
+
+	mu       sync.Mutex
+	reported [numOutcomes]int64
+}
+
+func newOutcomes(name string, stdout, stderr io.Writer) *outcomes {
+	return &outcomes{name: name, stdout: stdout, stderr: stderr}
+}
+
+func (o *outcomes) count(k outcome, err error) {
+	atomic.AddInt64(&o.counts[k], 1)
+	if err != nil {
+		o.lastErr.Store(err.Error())
+	}
+	if o.pending.Load() || !o.pending.CompareAndSwap(false, true) {
+		return
+	}
+	if wait := time.Duration(o.nextLine.Load() - time.Now().UnixNano()); wait > 0 {
+		time.AfterFunc(wait, o.flush)
+		return
+	}
+	o.flush()
+}
+
+// get returns the total count of one outcome.
+func (o *outcomes) get(k outcome) int64 {
+	return atomic.LoadInt64(&o.counts[k])
+}
+
+// flush writes the counts since the last line.
+func (o *outcomes) flush() {
+	defer func() { _ = recover() }() // runs in a timer goroutine: a panic would kill Traefik
+
+	o.mu.Lock()
+	var parts []string
+	problems := false
+	for k := outcome(0); k < numOutcomes; k++ {
+		total := o.get(k)
+		if d := total - o.reported[k]; d > 0 {
+			parts = append(parts, outcomeNames[k]+"="+strconv.FormatInt(d, 10))
+			problems = problems || k == failed || k == dropped
+		}
+		o.reported[k] = total
+	}
+	o.mu.Unlock()
+	o.nextLine.Store(time.Now().Add(logInterval).UnixNano())
+	o.pending.Store(false)
+
+	if len(parts) == 0 {
+		return
+	}
+	line := "mirror " + o.name + ": " + strings.Join(parts, " ")
+	if !problems {
+		fmt.Fprintln(o.stdout, line)
+		return
+	}
+	if e, _ := o.lastErr.Load().(string); e != "" {
+		line += " lastError=" + strconv.Quote(e)
+	}
+	fmt.Fprintln(o.stderr, line)
+}
