@@ -9,7 +9,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
-	"os"
 	"sync"
 )
 
@@ -35,7 +34,7 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 		name:  name,
 		cfg:   cfg,
 		slots: make(chan struct{}, cfg.maxInflight),
-		out:   newOutcomes(name, os.Stdout, os.Stderr),
+		out:   newOutcomes(name),
 	}
 	fmt.Printf("mirror %s: copying to %s://%s%s percent=%v mirrorBody=%v maxBodySize=%d timeout=%s maxInflight=%d\n",
 		name, cfg.scheme, cfg.host, cfg.basePath, cfg.percent, cfg.mirrorBody, cfg.maxBodySize, cfg.timeout, cfg.maxInflight)

@@ -101,8 +101,8 @@ func newStack(t *testing.T, cfg *Config, mirrorAnswer func(http.ResponseWriter, 
 	h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, "mirror-test@file")
 	require.NoError(t, err)
 	s.m = h.(*mirror)
-	s.m.out.stderr = s.stderr
-	s.m.out.stdout = io.Discard
+	s.m.out.error = func(line string) { _, _ = s.stderr.Write([]byte(line + "\n")) }
+	s.m.out.debug = func(string) {}
 	s.front = httptest.NewServer(h)
 	t.Cleanup(s.front.Close)
 	return s
@@ -457,7 +457,9 @@ func TestMirrorFailuresNeverReachThePrimary(t *testing.T) {
 	}{
 		{desc: "down", down: true, expErr: "connection refused"},
 		{desc: "hung", answer: func(_ http.ResponseWriter, _ *http.Request, hung <-chan struct{}) { <-hung }, expErr: "context deadline exceeded"},
-		{desc: "500", answer: func(rw http.ResponseWriter, _ *http.Request, _ <-chan struct{}) { rw.WriteHeader(http.StatusInternalServerError) }, expErr: "mirror answered 500"},
+		{desc: "500", answer: func(rw http.ResponseWriter, _ *http.Request, _ <-chan struct{}) {
+			rw.WriteHeader(http.StatusInternalServerError)
+		}, expErr: "mirror answered 500"},
 		{desc: "reset", answer: func(rw http.ResponseWriter, _ *http.Request, _ <-chan struct{}) {
 			conn, _, err := rw.(http.Hijacker).Hijack()
 			if err == nil {
@@ -650,7 +652,9 @@ func TestUnreadChunkedBodyReleasesSlot(t *testing.T) {
 
 func TestOutcomeLogIsRateLimited(t *testing.T) {
 	var stdout, stderr syncBuffer
-	o := newOutcomes("api@file", &stdout, &stderr)
+	o := newOutcomes("api@file")
+	o.debug = func(line string) { _, _ = stdout.Write([]byte(line + "\n")) }
+	o.error = func(line string) { _, _ = stderr.Write([]byte(line + "\n")) }
 	o.count(failed, fmt.Errorf("first"))
 	assert.Equal(t, "mirror api@file: failed=1 lastError=\"first\"\n", stderr.String())
 	for i := 0; i < 4; i++ {

@@ -2,7 +2,7 @@ package mirror
 
 import (
 	"fmt"
-	"io"
+	"log"
 	"strconv"
 	"strings"
 	"sync"
@@ -29,11 +29,10 @@ var outcomeNames = [numOutcomes]string{"sent", "failed", "dropped", "tooLarge", 
 const logInterval = 10 * time.Second
 
 // outcomes counts what became of each request and logs the counts at most once per
-// logInterval: to stderr (Traefik's ERROR) when copies failed or were dropped, to stdout
-// (Traefik's DEBUG) otherwise.
+// logInterval: at Traefik's ERROR level when copies failed or were dropped, at DEBUG otherwise.
 type outcomes struct {
-	name           string
-	stdout, stderr io.Writer
+	name         string
+	debug, error func(line string)
 
 	counts   [numOutcomes]int64 // atomic
 	pending  atomic.Bool        // a line is due; the next outcome need not schedule one
@@ -44,8 +43,14 @@ type outcomes struct {
 	reported [numOutcomes]int64
 }
 
-func newOutcomes(name string, stdout, stderr io.Writer) *outcomes {
-	return &outcomes{name: name, stdout: stdout, stderr: stderr}
+func newOutcomes(name string) *outcomes {
+	// Under Yaegi, fmt.Print* and the log package write to the interpreter's stdout and stderr,
+	// which Traefik logs at DEBUG and ERROR; os.Stdout and os.Stderr bypass Traefik's log.
+	return &outcomes{
+		name:  name,
+		debug: func(line string) { fmt.Println(line) },
+		error: func(line string) { log.Println(line) },
+	}
 }
 
 func (o *outcomes) count(k outcome, err error) {
@@ -92,11 +97,11 @@ func (o *outcomes) flush() {
 	}
 	line := "mirror " + o.name + ": " + strings.Join(parts, " ")
 	if !problems {
-		fmt.Fprintln(o.stdout, line)
+		o.debug(line)
 		return
 	}
 	if e, _ := o.lastErr.Load().(string); e != "" {
 		line += " lastError=" + strconv.Quote(e)
 	}
-	fmt.Fprintln(o.stderr, line)
+	o.error(line)
 }

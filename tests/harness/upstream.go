@@ -1,0 +1,171 @@
+package harness
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Received is one request as an upstream saw it.
+type Received struct {
+	At            time.Time
+	Method        string
+	Path          string // escaped
+	RawQuery      string
+	Host          string
+	Header        http.Header
+	Body          []byte
+	ContentLength int64
+	BodyErr       error
+}
+
+// Digest is the body's SHA-256, shortened for display.
+func (r Received) Digest() string {
+	sum := sha256.Sum256(r.Body)
+	return hex.EncodeToString(sum[:6])
+}
+
+// Upstream is an HTTP server on 127.0.0.1 that records every request it gets.
+type Upstream struct {
+	URL  string
+	Addr string
+
+	srv  *http.Server
+	got  chan Received
+	mu   sync.Mutex
+	seen int
+}
+
+// StartUpstream listens on addr ("127.0.0.1:0" for any port) and answers with answer, or
+// with 200 and "ok" when answer is nil. Up to buffer requests are kept for Next; more are
+// counted and dropped. Request bodies are read in full before answer runs.
+func StartUpstream(addr string, buffer int, answer http.HandlerFunc) (*Upstream, error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	u := &Upstream{URL: "http://" + l.Addr().String(), Addr: l.Addr().String(), got: make(chan Received, buffer)}
+	u.srv = &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		rec := Received{
+			At: time.Now(), Method: r.Method, Path: r.URL.EscapedPath(), RawQuery: r.URL.RawQuery, Host: r.Host,
+			Header: r.Header.Clone(), Body: body, ContentLength: r.ContentLength, BodyErr: err,
+		}
+		u.mu.Lock()
+		u.seen++
+		u.mu.Unlock()
+		select {
+		case u.got <- rec:
+		default:
+		}
+		if answer != nil {
+			answer(rw, r)
+			return
+		}
+		_, _ = io.WriteString(rw, "ok")
+	}), ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = u.srv.Serve(l) }()
+	return u, nil
+}
+
+// Next returns the next recorded request, or false when none comes within wait.
+func (u *Upstream) Next(wait time.Duration) (Received, bool) {
+	select {
+	case r := <-u.got:
+		return r, true
+	case <-time.After(wait):
+		return Received{}, false
+	}
+}
+
+// Drain returns the requests recorded so far without waiting.
+func (u *Upstream) Drain() []Received {
+	var all []Received
+	for {
+		select {
+		case r := <-u.got:
+			all = append(all, r)
+		default:
+			return all
+		}
+	}
+}
+
+// Count is how many requests arrived so far.
+func (u *Upstream) Count() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.seen
+}
+
+// Close stops the server, cutting open connections.
+func (u *Upstream) Close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	_ = u.srv.Shutdown(ctx)
+	_ = u.srv.Close()
+}
+
+// Hung accepts connections and never answers, until closed.
+type Hung struct {
+	Addr string
+	l    net.Listener
+	open atomic.Int64
+	mu   sync.Mutex
+	all  []net.Conn
+}
+
+// StartHung listens on a free loopback port.
+func StartHung() (*Hung, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	h := &Hung{Addr: l.Addr().String(), l: l}
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			h.mu.Lock()
+			h.all = append(h.all, c)
+			h.mu.Unlock()
+			h.open.Add(1)
+			go func() {
+				_, _ = io.Copy(io.Discard, c) // returns when the client closes
+				h.open.Add(-1)
+			}()
+		}
+	}()
+	return h, nil
+}
+
+// Open is how many connections the clients have open to it now.
+func (h *Hung) Open() int { return int(h.open.Load()) }
+
+// Close stops listening and closes every connection.
+func (h *Hung) Close() {
+	_ = h.l.Close()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, c := range h.all {
+		_ = c.Close()
+	}
+}
+
+// FreeAddr returns a loopback address with a port free right now.
+func FreeAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}

@@ -1,0 +1,380 @@
+package tests
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mirrorgate/traefik-mirror/tests/harness"
+	"github.com/mitchellh/mapstructure"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/traefik/yaegi/interp"
+	"github.com/traefik/yaegi/stdlib"
+	"gopkg.in/yaml.v3"
+)
+
+const waitLimit = 10 * time.Second
+
+// interpreted is the plugin loaded under Yaegi the way Traefik v3.6 loads it
+// (pkg/plugins/middlewareyaegi.go).
+type interpreted struct {
+	fnNew, fnCreateConfig reflect.Value
+	stdout, stderr        *harness.SyncBuffer
+}
+
+func loadInterpreted(t testing.TB) *interpreted {
+	t.Helper()
+	gopath := t.TempDir()
+	_, err := harness.LayoutPlugin(filepath.Join(gopath, "src"))
+	require.NoError(t, err)
+	p := &interpreted{stdout: &harness.SyncBuffer{}, stderr: &harness.SyncBuffer{}}
+	i := interp.New(interp.Options{GoPath: gopath, Env: os.Environ(), Stdout: p.stdout, Stderr: p.stderr})
+	require.NoError(t, i.Use(stdlib.Symbols))
+	_, err = i.Eval(`import "` + harness.ModulePath + `"`)
+	require.NoError(t, err)
+	p.fnNew, err = i.Eval("mirror.New")
+	require.NoError(t, err)
+	p.fnCreateConfig, err = i.Eval("mirror.CreateConfig")
+	require.NoError(t, err)
+	return p
+}
+
+// handler decodes config as Traefik does (values as strings, as the file provider sends them)
+// and calls New.
+func (p *interpreted) handler(next http.Handler, config map[string]any, name string) (http.Handler, error) {
+	vConfig := p.fnCreateConfig.Call(nil)[0]
+	if len(config) > 0 {
+		decoder, err := mapstructure.NewDecoder(&mapstructure.DecoderConfig{
+			DecodeHook:       mapstructure.StringToSliceHookFunc(","),
+			WeaklyTypedInput: true,
+			Result:           vConfig.Interface(),
+		})
+		if err != nil {
+			return nil, err
+		}
+		if err := decoder.Decode(config); err != nil {
+			return nil, fmt.Errorf("failed to decode configuration: %w", err)
+		}
+	}
+	results := p.fnNew.Call([]reflect.Value{reflect.ValueOf(context.Background()), reflect.ValueOf(next), vConfig, reflect.ValueOf(name)})
+	if err, _ := results[1].Interface().(error); err != nil {
+		return nil, err
+	}
+	return results[0].Interface().(http.Handler), nil
+}
+
+// asStrings turns every value into a string, as Traefik's file provider delivers them.
+func asStrings(m map[string]any) map[string]any {
+	out := map[string]any{}
+	for k, v := range m {
+		out[k] = fmt.Sprint(v)
+	}
+	return out
+}
+
+func randomBytes(t testing.TB, n int) []byte {
+	t.Helper()
+	b := make([]byte, n)
+	_, err := rand.Read(b)
+	require.NoError(t, err)
+	return b
+}
+
+type chunked struct{ r io.Reader }
+
+func (c chunked) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// yaegiStack is a loopback server running the interpreted middleware in front of a reverse
+// proxy to a recording primary, with a recording mirror.
+type yaegiStack struct {
+	front           *httptest.Server
+	primary, mirror *harness.Upstream
+}
+
+func newYaegiStack(t *testing.T, p *interpreted, config map[string]any, name string, mirrorAnswer http.HandlerFunc) *yaegiStack {
+	t.Helper()
+	s := &yaegiStack{}
+	var err error
+	s.primary, err = harness.StartUpstream("127.0.0.1:0", 100, nil)
+	require.NoError(t, err)
+	t.Cleanup(s.primary.Close)
+	s.mirror, err = harness.StartUpstream("127.0.0.1:0", 100, mirrorAnswer)
+	require.NoError(t, err)
+	t.Cleanup(s.mirror.Close)
+	if _, ok := config["url"]; !ok {
+		config["url"] = s.mirror.URL
+	}
+	pu, err := url.Parse(s.primary.URL)
+	require.NoError(t, err)
+	h, err := p.handler(httputil.NewSingleHostReverseProxy(pu), asStrings(config), name)
+	require.NoError(t, err)
+	s.front = httptest.NewServer(h)
+	t.Cleanup(s.front.Close)
+	return s
+}
+
+func waitLine(t *testing.T, buf *harness.SyncBuffer, want string) {
+	t.Helper()
+	require.Eventually(t, func() bool { return strings.Contains(buf.String(), want) }, waitLimit, time.Millisecond,
+		"no line %q in:\n%s", want, buf)
+}
+
+func TestYaegiTestDataFromManifest(t *testing.T) {
+	p := loadInterpreted(t)
+	raw, err := os.ReadFile(filepath.Join(harness.RepoRoot(), ".traefik.yml"))
+	require.NoError(t, err)
+	var manifest struct {
+		Type     string         `yaml:"type"`
+		Import   string         `yaml:"import"`
+		BasePkg  string         `yaml:"basePkg"`
+		TestData map[string]any `yaml:"testData"`
+	}
+	require.NoError(t, yaml.Unmarshal(raw, &manifest))
+	assert.Equal(t, "middleware", manifest.Type)
+	assert.Equal(t, harness.ModulePath, manifest.Import)
+	assert.Equal(t, "mirror", manifest.BasePkg)
+	require.NotEmpty(t, manifest.TestData)
+	for _, config := range []map[string]any{manifest.TestData, asStrings(manifest.TestData)} {
+		h, err := p.handler(http.NotFoundHandler(), config, "catalog@file")
+		require.NoError(t, err)
+		assert.NotNil(t, h)
+	}
+}
+
+func TestYaegiRejectsBadConfiguration(t *testing.T) {
+	p := loadInterpreted(t)
+	tests := []struct {
+		desc   string
+		config map[string]any
+		expErr string
+	}{
+		{"missing url", map[string]any{"percent": "50"}, "mirror: option url is required"},
+		{"bad timeout", map[string]any{"url": "http://127.0.0.1:1", "timeout": "5"}, `mirror: invalid timeout "5": time: missing unit in duration`},
+		{"percent 150", map[string]any{"url": "http://127.0.0.1:1", "percent": "150.000000"}, "mirror: invalid percent 150"},
+		{"relative url", map[string]any{"url": "mirror/x"}, `mirror: invalid url "mirror/x"`},
+		{"maxInflight 0", map[string]any{"url": "http://127.0.0.1:1", "maxInflight": "0"}, "mirror: invalid maxInflight 0"},
+	}
+	for _, test := range tests {
+		t.Run(test.desc, func(t *testing.T) {
+			h, err := p.handler(http.NotFoundHandler(), test.config, "bad@file")
+			require.Error(t, err)
+			assert.Nil(t, h)
+			assert.Contains(t, err.Error(), test.expErr)
+		})
+	}
+}
+
+func TestYaegiBodiesAndHeaders(t *testing.T) {
+	p := loadInterpreted(t)
+	tests := []struct {
+		desc    string
+		method  string
+		body    []byte
+		chunked bool
+		expCopy bool
+		expLine string
+	}{
+		{desc: "GET", method: http.MethodGet, expCopy: true, expLine: "sent=1"},
+		{desc: "1 byte", method: http.MethodPost, body: []byte("x"), expCopy: true, expLine: "sent=1"},
+		{desc: "64 KiB", method: http.MethodPut, body: randomBytes(t, 64<<10), expCopy: true, expLine: "sent=1"},
+		{desc: "at limit", method: http.MethodPost, body: randomBytes(t, 100<<10), expCopy: true, expLine: "sent=1"},
+		{desc: "over limit", method: http.MethodPost, body: randomBytes(t, 100<<10+1), expLine: "tooLarge=1"},
+		{desc: "chunked", method: http.MethodPatch, body: randomBytes(t, 80<<10), chunked: true, expCopy: true, expLine: "sent=1"},
+		{desc: "chunked over limit", method: http.MethodPost, body: randomBytes(t, 100<<10+1), chunked: true, expLine: "tooLarge=1"},
+	}
+	for i, test := range tests {
+		t.Run(test.desc, func(t *testing.T) {
+			name := fmt.Sprintf("body-%d@file", i)
+			s := newYaegiStack(t, p, map[string]any{"maxBodySize": 100 << 10, "timeout": "2s"}, name, nil)
+			var body io.Reader
+			if test.body != nil {
+				body = bytes.NewReader(test.body)
+				if test.chunked {
+					body = chunked{body}
+				}
+			}
+			req, err := http.NewRequest(test.method, s.front.URL+"/v1/items?id=7", body)
+			require.NoError(t, err)
+			req.Header.Set("X-Request-Id", "abc")
+			req.Header.Set("Connection", "X-Hop")
+			req.Header.Set("X-Hop", "1")
+			resp, err := http.DefaultClient.Do(req)
+			require.NoError(t, err)
+			got, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			assert.Equal(t, "ok", string(got))
+
+			primary, ok := s.primary.Next(waitLimit)
+			require.True(t, ok)
+			assert.True(t, bytes.Equal(test.body, primary.Body) || len(test.body)+len(primary.Body) == 0, "primary body")
+			assert.Empty(t, primary.Header.Get("X-Mirrored-By"))
+
+			waitLine(t, p.stdout, "mirror "+name+": "+test.expLine)
+			if !test.expCopy {
+				_, got := s.mirror.Next(0)
+				assert.False(t, got, "no copy expected")
+				return
+			}
+			c, ok := s.mirror.Next(waitLimit)
+			require.True(t, ok)
+			assert.Equal(t, test.method, c.Method)
+			assert.Equal(t, "/v1/items", c.Path)
+			assert.Equal(t, "id=7", c.RawQuery)
+			assert.True(t, bytes.Equal(test.body, c.Body) || len(test.body)+len(c.Body) == 0, "copy body")
+			assert.Equal(t, name, c.Header.Get("X-Mirrored-By"))
+			assert.Equal(t, "abc", c.Header.Get("X-Request-Id"))
+			assert.Empty(t, c.Header.Get("X-Hop"))
+			assert.Equal(t, primary.Header.Get("X-Forwarded-For"), c.Header.Get("X-Forwarded-For"))
+			assert.Equal(t, strings.TrimPrefix(s.mirror.URL, "http://"), c.Host)
+			assert.Equal(t, strings.TrimPrefix(s.front.URL, "http://"), c.Header.Get("X-Forwarded-Host"))
+		})
+	}
+}
+
+func TestYaegiMirrorFailures(t *testing.T) {
+	p := loadInterpreted(t)
+	hung, err := harness.StartHung()
+	require.NoError(t, err)
+	t.Cleanup(hung.Close)
+	down, err := harness.FreeAddr()
+	require.NoError(t, err)
+
+	tests := []struct {
+		desc    string
+		config  map[string]any
+		answer  http.HandlerFunc
+		expLine string
+	}{
+		{desc: "down", config: map[string]any{"url": "http://" + down}, expLine: "failed=1 lastError="},
+		{desc: "hung", config: map[string]any{"url": "http://" + hung.Addr, "timeout": "100ms"}, expLine: `failed=1 lastError="context deadline exceeded"`},
+		{desc: "500", answer: func(rw http.ResponseWriter, _ *http.Request) { rw.WriteHeader(500) }, expLine: `failed=1 lastError="mirror answered 500 Internal Server Error"`},
+	}
+	for i, test := range tests {
+		t.Run(test.desc, func(t *testing.T) {
+			name := fmt.Sprintf("fail-%d@file", i)
+			config := map[string]any{"timeout": "1s"}
+			for k, v := range test.config {
+				config[k] = v
+			}
+			s := newYaegiStack(t, p, config, name, test.answer)
+			body := randomBytes(t, 4096)
+			resp, err := http.Post(s.front.URL+"/", "application/octet-stream", bytes.NewReader(body))
+			require.NoError(t, err)
+			resp.Body.Close()
+			assert.Equal(t, http.StatusOK, resp.StatusCode)
+			primary, ok := s.primary.Next(waitLimit)
+			require.True(t, ok)
+			assert.True(t, bytes.Equal(body, primary.Body))
+			waitLine(t, p.stderr, "mirror "+name+": "+test.expLine)
+		})
+	}
+}
+
+func TestYaegiSaturationDrops(t *testing.T) {
+	p := loadInterpreted(t)
+	hung, err := harness.StartHung()
+	require.NoError(t, err)
+	t.Cleanup(hung.Close)
+	s := newYaegiStack(t, p, map[string]any{"url": "http://" + hung.Addr, "maxInflight": 1, "timeout": "30s"}, "sat@file", nil)
+	for i := 0; i < 3; i++ {
+		resp, err := http.Get(s.front.URL + "/")
+		require.NoError(t, err)
+		resp.Body.Close()
+		assert.Equal(t, http.StatusOK, resp.StatusCode)
+	}
+	waitLine(t, p.stderr, "mirror sat@file: dropped=1")
+	assert.Equal(t, 1, hung.Open(), "one copy in flight")
+}
+
+func TestYaegiLoopAndUpgradeSkipped(t *testing.T) {
+	p := loadInterpreted(t)
+	for i, header := range []http.Header{
+		{"X-Mirrored-By": {"other@file"}},
+		{"Connection": {"Upgrade"}, "Upgrade": {"websocket"}},
+	} {
+		name := fmt.Sprintf("skip-%d@file", i)
+		s := newYaegiStack(t, p, map[string]any{}, name, nil)
+		req, err := http.NewRequest(http.MethodGet, s.front.URL+"/", nil)
+		require.NoError(t, err)
+		req.Header = header
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		waitLine(t, p.stdout, "mirror "+name+": skipped=1")
+		_, got := s.mirror.Next(0)
+		assert.False(t, got)
+	}
+}
+
+// A body of unknown length goes through the interpreted tee while the primary streams.
+func TestYaegiStreamingBody(t *testing.T) {
+	p := loadInterpreted(t)
+	primary := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		_ = http.NewResponseController(rw).EnableFullDuplex()
+		br := bufio.NewReader(r.Body)
+		first, _ := br.ReadString('\n')
+		_, _ = io.WriteString(rw, "ack "+first)
+		rw.(http.Flusher).Flush()
+		rest, _ := io.ReadAll(br)
+		_, _ = rw.Write(rest)
+	}))
+	t.Cleanup(primary.Close)
+	mirrorSrv, err := harness.StartUpstream("127.0.0.1:0", 10, nil)
+	require.NoError(t, err)
+	t.Cleanup(mirrorSrv.Close)
+	pu, _ := url.Parse(primary.URL)
+	h, err := p.handler(httputil.NewSingleHostReverseProxy(pu), map[string]any{"url": mirrorSrv.URL}, "stream@file")
+	require.NoError(t, err)
+	front := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		_ = http.NewResponseController(rw).EnableFullDuplex()
+		h.ServeHTTP(rw, r)
+	}))
+	t.Cleanup(front.Close)
+
+	pr, pw := io.Pipe()
+	respc := make(chan *http.Response, 1)
+	go func() {
+		resp, err := http.Post(front.URL+"/s", "text/plain", pr)
+		if err != nil {
+			close(respc)
+			return
+		}
+		respc <- resp
+	}()
+	_, err = io.WriteString(pw, "hello\n")
+	require.NoError(t, err)
+	var resp *http.Response
+	select {
+	case resp = <-respc:
+	case <-time.After(waitLimit):
+		t.Fatal("no answer before the body ended")
+	}
+	require.NotNil(t, resp)
+	defer resp.Body.Close()
+	ack := make([]byte, len("ack hello\n"))
+	_, err = io.ReadFull(resp.Body, ack)
+	require.NoError(t, err)
+	_, err = io.WriteString(pw, "world")
+	require.NoError(t, err)
+	require.NoError(t, pw.Close())
+	rest, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	assert.Equal(t, "world", string(rest))
+	c, ok := mirrorSrv.Next(waitLimit)
+	require.True(t, ok)
+	assert.Equal(t, "hello\nworld", string(c.Body))
+}
