@@ -26,7 +26,7 @@ func newTransport() *http.Transport {
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.MaxIdleConns = 0 // no global limit; MaxIdleConnsPerHost bounds each mirror
 	t.MaxIdleConnsPerHost = 1024
-	t.DisableCompression = true // leave Accept-Encoding as the client sent it
+	t.DisableCompression = true // the answer is drained, never decoded
 	return t
 }
 
@@ -110,6 +110,10 @@ func (m *mirror) newCopy(ctx context.Context, c *copyRequest) (*http.Request, er
 
 	h := c.header
 	removeHopByHop(h)
+	// Traefik's transport asks the primary for gzip when the client did not say; so does the copy.
+	if _, ok := h["Accept-Encoding"]; !ok && h.Get("Range") == "" && c.method != http.MethodHead {
+		h.Set("Accept-Encoding", "gzip")
+	}
 	if _, ok := h["User-Agent"]; !ok {
 		h.Set("User-Agent", "") // keep Go's default User-Agent off the copy
 	}

@@ -1,6 +1,6 @@
 module github.com/mirrorgate/traefik-mirror/tests
 
-go 1.22
+go 1.24
 
 require (
 	github.com/mitchellh/mapstructure v1.5.1-0.20231216201459-8508981c8b6c
