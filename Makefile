@@ -1,0 +1,56 @@
+.PHONY: default lint test unit integration demo bench vendor tidy plugins-local traefik clean
+
+export GOFLAGS := -buildvcs=false
+GOLANGCI_LINT_VERSION ?= v2.15.0
+
+default: lint test
+
+# The whole suite: unit tests, the plugin under Yaegi, a real Traefik end to end, and the demo.
+test: unit integration
+
+unit:
+	go test -race -count=1 ./...
+
+integration: traefik
+	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) go test -race -count=1 -timeout 20m ./...
+	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) DEMO_ONCE=1 go run ./cmd/demo
+
+# Traefik with the plugin mirroring live traffic on 127.0.0.1, until Ctrl-C.
+demo: traefik
+	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) go run ./cmd/demo
+
+# Go benchmarks (compiled and under Yaegi), then the load benchmark through a real Traefik.
+bench: traefik
+	go test -run '^$$' -bench . -benchmem -count 3 .
+	cd tests && go test -run '^$$' -bench . -benchmem -count 3 .
+	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) go run ./cmd/loadbench $(BENCH_ARGS)
+
+# Builds (once, then cached) the pinned Traefik from its Go module.
+traefik:
+	@scripts/traefik.sh >/dev/null
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '^vendor/'))" || { gofmt -l $$(git ls-files '*.go' | grep -v '^vendor/'); exit 1; }
+	go vet ./...
+	cd tests && go vet ./...
+	@if go run github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION) version >/dev/null 2>&1; then \
+		go run github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION) run ./... ; \
+	else echo "golangci-lint $(GOLANGCI_LINT_VERSION) not available from the module proxy; gofmt and go vet only"; fi
+
+# go.mod, go.sum and vendor/ as go mod tidy and go mod vendor leave them.
+tidy:
+	go mod tidy
+	go mod vendor
+	cd tests && go mod tidy
+
+vendor:
+	go mod vendor
+
+# Lays the plugin out for a Traefik run from the repository root:
+#   traefik --configFile=example/traefik.yml
+plugins-local:
+	mkdir -p plugins-local/src/github.com/mirrorgate/traefik-mirror
+	cp .traefik.yml go.mod $$(ls *.go | grep -v _test.go) plugins-local/src/github.com/mirrorgate/traefik-mirror/
+
+clean:
+	rm -rf plugins-local

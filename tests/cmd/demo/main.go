@@ -1,0 +1,132 @@
+// Command demo runs Traefik with the plugin and the configuration in example/, between a demo
+// primary API and a demo mirror on 127.0.0.1, sends a few requests, and shows what the client
+// got next to what the mirror received. It then prints each mirrored request live until Ctrl-C.
+// With DEMO_ONCE=1 it runs the scripted part only and exits non-zero if a copy is missing or
+// differs.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/mirrorgate/traefik-mirror/tests/harness"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "demo:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	primary, err := harness.StartUpstream(harness.ExamplePrimary, 1000, func(rw http.ResponseWriter, r *http.Request) {
+		rw.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(rw).Encode(map[string]any{"service": "primary", "method": r.Method, "path": r.URL.Path})
+	})
+	if err != nil {
+		return fmt.Errorf("demo primary on %s: %w", harness.ExamplePrimary, err)
+	}
+	defer primary.Close()
+	mirror, err := harness.StartUpstream(harness.ExampleMirror, 1000, nil)
+	if err != nil {
+		return fmt.Errorf("demo mirror on %s: %w", harness.ExampleMirror, err)
+	}
+	defer mirror.Close()
+
+	fmt.Println("Starting Traefik with example/traefik.yml and example/dynamic.yml ...")
+	traefik, err := harness.StartTraefik(harness.Options{})
+	if err != nil {
+		return err
+	}
+	defer traefik.Stop()
+	if err := traefik.WaitRouters("enabled", "api"); err != nil {
+		return err
+	}
+	fmt.Printf("Traefik is up: %s -> primary %s, copies -> mirror %s\n\n", traefik.WebURL, primary.URL, mirror.URL)
+
+	type step struct {
+		method, path, contentType, body string
+	}
+	steps := []step{
+		{http.MethodGet, "/api/orders?page=1", "", ""},
+		{http.MethodPost, "/api/orders", "application/json", `{"customer":"ada","items":[{"sku":"tea","qty":2}]}`},
+		{http.MethodPut, "/api/orders/42", "application/json", `{"status":"shipped"}`},
+		{http.MethodDelete, "/api/orders/42", "", ""},
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "REQUEST\tCLIENT GOT (from primary)\tMIRROR RECEIVED\tBODY\tX-Mirrored-By\tX-Forwarded-For\tAFTER PRIMARY")
+	problems := 0
+	for _, s := range steps {
+		req, err := http.NewRequest(s.method, traefik.WebURL+s.path, strings.NewReader(s.body))
+		if err != nil {
+			return err
+		}
+		if s.contentType != "" {
+			req.Header.Set("Content-Type", s.contentType)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return err
+		}
+		answer, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		p, okP := primary.Next(10 * time.Second)
+		c, okC := mirror.Next(10 * time.Second)
+		got := fmt.Sprintf("%d %s", resp.StatusCode, bytes.TrimSpace(answer))
+		if !okP || !okC {
+			problems++
+			fmt.Fprintf(tw, "%s %s\t%s\tNOTHING\t\t\t\t\n", s.method, s.path, got)
+			continue
+		}
+		if c.Method != s.method || c.Path+query(c.RawQuery) != s.path || string(c.Body) != s.body || string(p.Body) != s.body {
+			problems++
+			got += "  << COPY DIFFERS"
+		}
+		fmt.Fprintf(tw, "%s %s\t%s\t%s %s\t%d B sha256:%s\t%s\t%s\t%+.2fms\n",
+			s.method, s.path, got, c.Method, c.Path+query(c.RawQuery), len(c.Body), c.Digest(),
+			c.Header.Get("X-Mirrored-By"), c.Header.Get("X-Forwarded-For"), float64(c.At.Sub(p.At).Microseconds())/1000)
+	}
+	_ = tw.Flush()
+	if problems > 0 {
+		return fmt.Errorf("%d of %d requests were not mirrored faithfully", problems, len(steps))
+	}
+	fmt.Println("\nEvery request reached the primary and an identical copy reached the mirror.")
+
+	if os.Getenv("DEMO_ONCE") != "" {
+		return nil
+	}
+	fmt.Printf("\nTry it: curl -d '{\"hello\":\"mirror\"}' %s/anything\n", traefik.WebURL)
+	fmt.Printf("Dashboard: %s/dashboard/   Mirrored requests appear below; Ctrl-C stops everything.\n\n", traefik.APIURL)
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
+	for {
+		select {
+		case <-stop:
+			fmt.Println("\nStopping Traefik and the demo servers.")
+			return nil
+		case <-time.After(200 * time.Millisecond):
+			for _, c := range mirror.Drain() {
+				fmt.Printf("%s  mirror got %s %s  %d B sha256:%s  X-Mirrored-By=%s\n", c.At.Format("15:04:05.000"),
+					c.Method, c.Path+query(c.RawQuery), len(c.Body), c.Digest(), c.Header.Get("X-Mirrored-By"))
+			}
+			primary.Drain()
+		}
+	}
+}
+
+func query(q string) string {
+	if q == "" {
+		return ""
+	}
+	return "?" + q
+}
