@@ -33,8 +33,8 @@ lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '^vendor/'))" || { gofmt -l $$(git ls-files '*.go' | grep -v '^vendor/'); exit 1; }
 	go vet ./...
 	cd tests && go vet ./...
-	@if go run github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION) version >/dev/null 2>&1; then \
-		go run github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION) run ./... ; \
+	@if go install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION); then \
+		"$$(go env GOPATH)/bin/golangci-lint" run ./... && cd tests && "$$(go env GOPATH)/bin/golangci-lint" run ./... ; \
 	else echo "golangci-lint $(GOLANGCI_LINT_VERSION) not available from the module proxy; gofmt and go vet only"; fi
 
 # go.mod, go.sum and vendor/ as go mod tidy and go mod vendor leave them.

@@ -348,7 +348,7 @@ func TestYaegiStreamingBody(t *testing.T) {
 	pr, pw := io.Pipe()
 	respc := make(chan *http.Response, 1)
 	go func() {
-		resp, err := http.Post(front.URL+"/s", "text/plain", pr)
+		resp, err := http.Post(front.URL+"/s", "text/plain", pr) //nolint:bodyclose // closed by the test once read
 		if err != nil {
 			close(respc)
 			return

@@ -1,0 +1,85 @@
+package mirror
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// benchCases are the request shapes measured both compiled (here) and under Yaegi
+// (tests/yaegi_bench_test.go).
+var benchCases = []struct {
+	name    string
+	method  string
+	size    int
+	percent float64
+}{
+	{"sampledOut", http.MethodGet, 0, 0},
+	{"GET", http.MethodGet, 0, 100},
+	{"POST_1KiB", http.MethodPost, 1 << 10, 100},
+	{"POST_64KiB", http.MethodPost, 64 << 10, 100},
+	{"POST_overLimit", http.MethodPost, 2 << 20, 100},
+}
+
+// BenchmarkServeHTTP measures the whole cost of a request through the middleware, its copy to a
+// loopback mirror included, with at most 64 copies in flight so that none is dropped
+// (copies/op shows it).
+func BenchmarkServeHTTP(b *testing.B) {
+	var received atomic.Int64
+	mirrorSrv := httptest.NewServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		received.Add(1)
+	}))
+	defer mirrorSrv.Close()
+	next := http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		rw.WriteHeader(http.StatusOK)
+	})
+	for _, bc := range benchCases {
+		b.Run(bc.name, func(b *testing.B) {
+			cfg := CreateConfig()
+			cfg.URL = mirrorSrv.URL
+			cfg.Percent = bc.percent
+			cfg.MaxInflight = 128
+			h, err := New(context.Background(), next, cfg, "bench@file")
+			if err != nil {
+				b.Fatal(err)
+			}
+			m := h.(*mirror)
+			m.out.debug = func(string) {}
+			m.out.error = func(string) {}
+			body := []byte(strings.Repeat("b", bc.size))
+			rw := httptest.NewRecorder()
+			before := received.Load()
+			inflight := func(sent int) int { return sent - int(received.Load()-before) }
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				h.ServeHTTP(rw, httptest.NewRequest(bc.method, "/bench?x=1", bytes.NewReader(body)))
+				if bc.percent > 0 && bc.size <= int(cfg.MaxBodySize) {
+					waitInflight(b, func() bool { return inflight(i+1) < 64 })
+				}
+			}
+			b.StopTimer()
+			waitInflight(b, func() bool { return len(m.slots) == 0 })
+			b.ReportMetric(float64(m.out.get(sent))/float64(b.N), "copies/op")
+		})
+	}
+}
+
+func waitInflight(b *testing.B, done func() bool) {
+	deadline := time.Now().Add(10 * time.Second)
+	for !done() {
+		if time.Now().After(deadline) {
+			b.Fatal("copies still in flight after 10s")
+		}
+		runtime.Gosched()
+	}
+}
