@@ -38,10 +38,8 @@ func CreateConfig() *Config {
 
 // settings is a validated Config, compiled once in New for the request path.
 type settings struct {
-	scheme      string
+	base        string // scheme://host[:port][/base/path], without trailing slash
 	host        string
-	basePath    string // without trailing slash
-	baseRawPath string // escaped basePath
 	percent     float64
 	mirrorBody  bool
 	maxBodySize int64 // -1: no limit
@@ -74,10 +72,8 @@ func compile(c *Config) (settings, error) {
 	case u.Fragment != "" || strings.Contains(c.URL, "#"):
 		return s, fmt.Errorf("mirror: invalid url %q: must not have a fragment", c.URL)
 	}
-	s.scheme = u.Scheme
 	s.host = u.Host
-	s.basePath = strings.TrimSuffix(u.Path, "/")
-	s.baseRawPath = strings.TrimSuffix(u.EscapedPath(), "/")
+	s.base = u.Scheme + "://" + u.Host + strings.TrimSuffix(u.EscapedPath(), "/")
 
 	if math.IsNaN(c.Percent) || c.Percent < 0 || c.Percent > 100 {
 		return s, fmt.Errorf("mirror: invalid percent %v: must be between 0 and 100", c.Percent)

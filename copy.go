@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/url"
 	"strings"
 )
 
@@ -30,64 +29,53 @@ func newTransport() *http.Transport {
 	return t
 }
 
-// copyRequest is what the copy needs from the incoming request, taken before the primary
-// runs: later middlewares may change the request in place.
+// copyRequest is what the copy needs from the incoming request, and what became of it.
 type copyRequest struct {
 	method     string
-	path       string
-	rawPath    string
-	rawQuery   string
+	uri        string // escaped path and query
 	host       string
 	remoteAddr string
 	tls        bool
 	header     http.Header
 	body       []byte // nil: no body
+
+	outcome outcome
+	err     error
 }
 
-func captureRequest(req *http.Request) *copyRequest {
-	return &copyRequest{
-		method:     req.Method,
-		path:       req.URL.Path,
-		rawPath:    req.URL.RawPath,
-		rawQuery:   req.URL.RawQuery,
-		host:       req.Host,
-		remoteAddr: req.RemoteAddr,
-		tls:        req.TLS != nil,
-		header:     req.Header.Clone(),
-	}
-}
-
-// send runs in its own goroutine and owns one slot, which it gives back when done.
+// send runs in its own goroutine and owns one slot until settle gives it back. (A pool of
+// reused goroutines was measured slower under Yaegi: its select costs more than go.)
 func (m *mirror) send(c *copyRequest) {
-	defer m.release()
-	defer func() {
-		// A panic in a goroutine the plugin started would kill Traefik.
-		if r := recover(); r != nil {
-			m.out.count(failed, fmt.Errorf("panic: %v", r))
-		}
-	}()
+	c.outcome = failed // what settle counts if anything below panics
+	defer m.settle(c)
 
 	// Detached from the client's request: only the mirror's own deadline cancels the copy.
 	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.timeout)
-	defer cancel()
-
 	out, err := m.newCopy(ctx, c)
-	if err != nil {
-		m.out.count(failed, err)
-		return
+	if err == nil {
+		var resp *http.Response
+		resp, err = sharedTransport.RoundTrip(out)
+		if err == nil {
+			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxDrain))
+			_ = resp.Body.Close()
+			if resp.StatusCode < 500 {
+				c.outcome = sent
+			} else {
+				err = fmt.Errorf("mirror answered %s", resp.Status)
+			}
+		}
 	}
-	resp, err := sharedTransport.RoundTrip(out)
-	if err != nil {
-		m.out.count(failed, err)
-		return
+	cancel()
+	c.err = err
+}
+
+// settle is deferred by send: a panic in a goroutine the plugin started would kill Traefik.
+func (m *mirror) settle(c *copyRequest) {
+	if r := recover(); r != nil {
+		c.outcome, c.err = failed, fmt.Errorf("panic: %v", r)
 	}
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxDrain))
-	_ = resp.Body.Close()
-	if resp.StatusCode >= 500 {
-		m.out.count(failed, fmt.Errorf("mirror answered %s", resp.Status))
-		return
-	}
-	m.out.count(sent, nil)
+	m.release()
+	m.out.add(c.outcome, c.err)
 }
 
 func (m *mirror) newCopy(ctx context.Context, c *copyRequest) (*http.Request, error) {
@@ -95,55 +83,18 @@ func (m *mirror) newCopy(ctx context.Context, c *copyRequest) (*http.Request, er
 	if c.body != nil {
 		body = bytes.NewReader(c.body)
 	}
-	out, err := http.NewRequestWithContext(ctx, c.method, "", body)
+	// Traefik's proxy sends the primary the query with ';' turned into '&'.
+	out, err := http.NewRequestWithContext(ctx, c.method, m.cfg.base+strings.ReplaceAll(c.uri, ";", "&"), body)
 	if err != nil {
 		return nil, err
 	}
-	u := &url.URL{Scheme: m.cfg.scheme, Host: m.cfg.host, Path: m.cfg.basePath + c.path}
-	if c.rawPath != "" {
-		u.RawPath = m.cfg.baseRawPath + c.rawPath
-	}
-	// Traefik's proxy sends the primary the query with ';' turned into '&'.
-	u.RawQuery = strings.ReplaceAll(c.rawQuery, ";", "&")
-	out.URL = u
-	out.Host = m.cfg.host
 
+	// Direct map operations with canonical keys: each function call costs under Yaegi.
 	h := c.header
-	removeHopByHop(h)
-	// Traefik's transport asks the primary for gzip when the client did not say; so does the copy.
-	if _, ok := h["Accept-Encoding"]; !ok && h.Get("Range") == "" && c.method != http.MethodHead {
-		h.Set("Accept-Encoding", "gzip")
-	}
-	if _, ok := h["User-Agent"]; !ok {
-		h.Set("User-Agent", "") // keep Go's default User-Agent off the copy
-	}
-	if h.Get("X-Forwarded-Host") == "" && c.host != "" {
-		h.Set("X-Forwarded-Host", c.host)
-	}
-	if h.Get("X-Forwarded-Proto") == "" {
-		if c.tls {
-			h.Set("X-Forwarded-Proto", "https")
-		} else {
-			h.Set("X-Forwarded-Proto", "http")
-		}
-	}
-	// The same X-Forwarded-For that Traefik's proxy (net/http/httputil) gives the primary.
-	if ip, _, err := net.SplitHostPort(c.remoteAddr); err == nil {
-		if prior := h["X-Forwarded-For"]; len(prior) > 0 {
-			ip = strings.Join(prior, ", ") + ", " + ip
-		}
-		h.Set("X-Forwarded-For", ip)
-	}
-	h.Set(markerHeader, m.name)
-	out.Header = h
-	return out, nil
-}
-
-func removeHopByHop(h http.Header) {
-	for _, v := range h["Connection"] {
-		for _, name := range strings.Split(v, ",") {
-			if name = strings.TrimSpace(name); name != "" {
-				h.Del(name)
+	if v := h["Connection"]; v != nil {
+		for _, f := range v {
+			for _, name := range strings.Split(f, ",") {
+				h.Del(strings.TrimSpace(name))
 			}
 		}
 	}
@@ -151,8 +102,36 @@ func removeHopByHop(h http.Header) {
 		delete(h, name)
 	}
 	for name := range h {
-		if strings.HasPrefix(name, "Proxy-") {
+		if len(name) > 6 && name[:6] == "Proxy-" {
 			delete(h, name)
 		}
 	}
+	// Traefik's transport asks the primary for gzip when the client did not say; so does the copy.
+	if h["Accept-Encoding"] == nil && h["Range"] == nil && c.method != http.MethodHead {
+		h["Accept-Encoding"] = []string{"gzip"}
+	}
+	if h["User-Agent"] == nil {
+		h["User-Agent"] = []string{""} // keep Go's default User-Agent off the copy
+	}
+	if h["X-Forwarded-Host"] == nil && c.host != "" {
+		h["X-Forwarded-Host"] = []string{c.host}
+	}
+	if h["X-Forwarded-Proto"] == nil {
+		if c.tls {
+			h["X-Forwarded-Proto"] = []string{"https"}
+		} else {
+			h["X-Forwarded-Proto"] = []string{"http"}
+		}
+	}
+	// The same X-Forwarded-For that Traefik's proxy (net/http/httputil) gives the primary.
+	if ip, _, err := net.SplitHostPort(c.remoteAddr); err == nil {
+		if prior := h["X-Forwarded-For"]; prior != nil {
+			ip = strings.Join(prior, ", ") + ", " + ip
+		}
+		h["X-Forwarded-For"] = []string{ip}
+	}
+	h[markerHeader] = m.marker
+	out.Header = h
+	out.Host = m.cfg.host
+	return out, nil
 }

@@ -10,17 +10,19 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"sync"
+	"sync/atomic"
 )
 
 // markerHeader is set on every copy; a request that carries it is never copied again.
 const markerHeader = "X-Mirrored-By"
 
 type mirror struct {
-	next  http.Handler
-	name  string
-	cfg   settings
-	slots chan struct{} // one token per copy in flight
-	out   *outcomes
+	next   http.Handler
+	name   string
+	marker []string // the value of markerHeader
+	cfg    settings
+	slots  chan struct{} // one token per copy in flight
+	out    *outcomes
 }
 
 // New creates the mirroring middleware.
@@ -30,44 +32,61 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 		return nil, err
 	}
 	m := &mirror{
-		next:  next,
-		name:  name,
-		cfg:   cfg,
-		slots: make(chan struct{}, cfg.maxInflight),
-		out:   newOutcomes(name),
+		next:   next,
+		name:   name,
+		marker: []string{name},
+		cfg:    cfg,
+		slots:  make(chan struct{}, cfg.maxInflight),
+		out:    newOutcomes(name),
 	}
-	fmt.Printf("mirror %s: copying to %s://%s%s percent=%v mirrorBody=%v maxBodySize=%d timeout=%s maxInflight=%d\n",
-		name, cfg.scheme, cfg.host, cfg.basePath, cfg.percent, cfg.mirrorBody, cfg.maxBodySize, cfg.timeout, cfg.maxInflight)
+	fmt.Printf("mirror %s: copying to %s percent=%v mirrorBody=%v maxBodySize=%d timeout=%s maxInflight=%d\n",
+		name, cfg.base, cfg.percent, cfg.mirrorBody, cfg.maxBodySize, cfg.timeout, cfg.maxInflight)
 	return m, nil
 }
 
+// ServeHTTP is interpreted by Yaegi on every request, and its cost grows with its statements
+// and local values: the common paths stay here, short, and the copy path lives in start.
 func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
-	// Cheap checks first: each "no" is one counted outcome and the request goes straight on.
-	if req.Header.Get(markerHeader) != "" || req.Header.Get("Upgrade") != "" || req.Method == http.MethodConnect {
-		m.out.count(skipped, nil)
-		m.next.ServeHTTP(rw, req)
-		return
+	switch {
+	case req.Header.Get(markerHeader) != "" || req.Header.Get("Upgrade") != "" || req.Method == http.MethodConnect:
+		atomic.AddInt64(&m.out.counts[skipped], 1)
+	case m.cfg.percent < 100 && rand.Float64()*100 >= m.cfg.percent:
+		atomic.AddInt64(&m.out.counts[sampledOut], 1)
+	default:
+		if t := m.start(req); t != nil {
+			m.next.ServeHTTP(rw, req)
+			t.abandon()
+			return
+		}
 	}
-	if m.cfg.percent < 100 && rand.Float64()*100 >= m.cfg.percent {
-		m.out.count(sampledOut, nil)
-		m.next.ServeHTTP(rw, req)
-		return
-	}
+	m.next.ServeHTTP(rw, req)
+}
+
+// start copies a request that passed the cheap checks, unless its body is too large or every
+// slot is taken. A body of unknown length is copied as the primary reads it: start then
+// returns the teeBody, to be abandoned once the primary is done.
+func (m *mirror) start(req *http.Request) *teeBody {
 	withBody := m.cfg.mirrorBody && req.Body != nil && req.Body != http.NoBody && req.ContentLength != 0
 	if withBody && m.cfg.maxBodySize >= 0 && req.ContentLength > m.cfg.maxBodySize {
-		m.out.count(tooLarge, nil)
-		m.next.ServeHTTP(rw, req)
-		return
+		m.out.add(tooLarge, nil)
+		return nil
 	}
 	select {
 	case m.slots <- struct{}{}:
 	default:
-		m.out.count(dropped, nil)
-		m.next.ServeHTTP(rw, req)
-		return
+		m.out.add(dropped, nil)
+		return nil
 	}
 
-	c := captureRequest(req)
+	// Taken now: later middlewares may change the request in place.
+	c := &copyRequest{
+		method:     req.Method,
+		uri:        req.URL.RequestURI(),
+		host:       req.Host,
+		remoteAddr: req.RemoteAddr,
+		tls:        req.TLS != nil,
+		header:     req.Header.Clone(),
+	}
 	switch {
 	case !withBody:
 		go m.send(c)
@@ -81,24 +100,28 @@ func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 			// The client cut the body short: the primary sees the same bytes, then the same error.
 			req.Body = io.NopCloser(io.MultiReader(bytes.NewReader(buf[:n]), req.Body))
 			m.release()
-			m.out.count(skipped, nil)
-			break
+			m.out.add(skipped, nil)
+			return nil
 		}
 		req.Body = io.NopCloser(bytes.NewReader(buf))
 		c.body = buf
 		go m.send(c)
 
 	default:
-		// Unknown length: never hold the primary back; copy the body as the primary reads it.
 		t := &teeBody{body: req.Body, m: m, c: c}
 		req.Body = t
-		defer t.abandon()
+		return t
 	}
-
-	m.next.ServeHTTP(rw, req)
+	return nil
 }
 
-func (m *mirror) release() { <-m.slots }
+// release gives a slot back.
+func (m *mirror) release() {
+	select {
+	case <-m.slots:
+	default: // never block, even if a panic path released it already
+	}
+}
 
 // teeBody keeps a copy of a body of unknown length while the primary reads it, and sends the
 // mirror copy when the primary has read it all.
@@ -155,5 +178,5 @@ func (t *teeBody) finish(o outcome) {
 	t.done = true
 	t.c.body = nil
 	t.m.release()
-	t.m.out.count(o, nil)
+	t.m.out.add(o, nil)
 }

@@ -656,13 +656,13 @@ func TestOutcomeLogIsRateLimited(t *testing.T) {
 	o := newOutcomes("api@file")
 	o.debug = func(line string) { _, _ = stdout.Write([]byte(line + "\n")) }
 	o.error = func(line string) { _, _ = stderr.Write([]byte(line + "\n")) }
-	o.count(failed, fmt.Errorf("first"))
+	o.add(failed, fmt.Errorf("first"))
 	assert.Equal(t, "mirror api@file: failed=1 lastError=\"first\"\n", stderr.String())
 	for i := 0; i < 4; i++ {
-		o.count(failed, fmt.Errorf("boom %d", i))
-		o.count(sent, nil)
+		o.add(failed, fmt.Errorf("boom %d", i))
+		o.add(sent, nil)
 	}
-	o.count(dropped, nil)
+	o.add(dropped, nil)
 	assert.Equal(t, 1, strings.Count(stderr.String(), "\n"), "no second line within the interval")
 	// The pending line is written when the interval ends; bring that forward.
 	o.flush()
@@ -672,6 +672,6 @@ func TestOutcomeLogIsRateLimited(t *testing.T) {
 
 	o.nextLine.Store(0)
 	o.pending.Store(false)
-	o.count(sent, nil)
+	o.add(sent, nil)
 	assert.Equal(t, "mirror api@file: sent=1\n", stdout.String(), "successes go to DEBUG")
 }

@@ -53,7 +53,10 @@ func newOutcomes(name string) *outcomes {
 	}
 }
 
-func (o *outcomes) count(k outcome, err error) {
+// add counts an outcome and, unless a log line is already due, schedules one. The request
+// path counts sampledOut and skipped with a bare atomic add instead: lines are written when
+// copies end or are dropped, and carry every count.
+func (o *outcomes) add(k outcome, err error) {
 	atomic.AddInt64(&o.counts[k], 1)
 	if err != nil {
 		o.lastErr.Store(err.Error())

@@ -1,0 +1,377 @@
+// Command loadbench measures the plugin through a real Traefik on 127.0.0.1 against Traefik with
+// no middleware and Traefik's built-in mirroring service, in alternation within one run
+// (none, builtin, plugin, none, builtin, plugin, ...), and prints Markdown tables of medians.
+package main
+
+import (
+	"bytes"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/mirrorgate/traefik-mirror/tests/harness"
+)
+
+type scenario struct {
+	name     string
+	bodySize int
+	mirror   string // healthy, slow, down, hung
+	percent  int
+	modes    []string
+}
+
+var allScenarios = []scenario{
+	{"healthy-1KiB", 1 << 10, "healthy", 100, []string{"none", "builtin", "plugin"}},
+	{"healthy-64KiB", 64 << 10, "healthy", 100, []string{"none", "builtin", "plugin"}},
+	{"slow-500ms", 1 << 10, "slow", 100, []string{"none", "builtin", "plugin"}},
+	{"down", 1 << 10, "down", 100, []string{"none", "builtin", "plugin"}},
+	{"hung", 1 << 10, "hung", 100, []string{"none", "builtin", "plugin"}},
+	{"sampled-out", 1 << 10, "healthy", 0, []string{"none", "plugin"}},
+}
+
+func main() {
+	duration := flag.Duration("duration", 4*time.Second, "length of one measured run")
+	rounds := flag.Int("rounds", 3, "rounds of alternation (A B C A B C ...)")
+	conns := flag.Int("conns", 32, "keep-alive client connections")
+	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
+	flag.Parse()
+
+	fmt.Printf("# Load benchmark\n\n%d rounds of %s per mode, %d keep-alive connections, POST bodies, Traefik %s, %s\n",
+		*rounds, *duration, *conns, traefikVersion(), machine())
+	for _, sc := range allScenarios {
+		if *only != "" && !strings.Contains(","+*only+",", ","+sc.name+",") {
+			continue
+		}
+		if err := runScenario(sc, *duration, *rounds, *conns); err != nil {
+			fmt.Fprintln(os.Stderr, "loadbench:", sc.name+":", err)
+			os.Exit(1)
+		}
+	}
+}
+
+// sink is a loopback upstream that counts requests and checks bodies against the one sent.
+type sink struct {
+	addr     string
+	srv      *http.Server
+	requests atomic.Int64
+	badBody  atomic.Int64
+	conns    atomic.Int64
+}
+
+func startSink(expect []byte, delay time.Duration) (*sink, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	s := &sink{addr: l.Addr().String()}
+	s.srv = &http.Server{
+		Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			body, _ := io.ReadAll(r.Body)
+			if expect != nil && !bytes.Equal(body, expect) {
+				s.badBody.Add(1)
+			}
+			s.requests.Add(1)
+			if delay > 0 {
+				select {
+				case <-time.After(delay):
+				case <-r.Context().Done():
+				}
+			}
+			_, _ = io.WriteString(rw, "ok")
+		}),
+		ConnState: func(_ net.Conn, st http.ConnState) {
+			switch st {
+			case http.StateNew:
+				s.conns.Add(1)
+			case http.StateClosed, http.StateHijacked:
+				s.conns.Add(-1)
+			}
+		},
+	}
+	go func() { _ = s.srv.Serve(l) }()
+	return s, nil
+}
+
+func (s *sink) close() { _ = s.srv.Close() }
+
+// mirrorTarget is whatever the copies go to in a scenario.
+type mirrorTarget struct {
+	addr  string
+	sink  *sink
+	hung  *harness.Hung
+	close func()
+}
+
+func (m *mirrorTarget) open() int64 {
+	switch {
+	case m.sink != nil:
+		return m.sink.conns.Load()
+	case m.hung != nil:
+		return int64(m.hung.Open())
+	}
+	return 0
+}
+
+func startMirror(kind string, body []byte) (*mirrorTarget, error) {
+	switch kind {
+	case "healthy", "slow":
+		delay := time.Duration(0)
+		if kind == "slow" {
+			delay = 500 * time.Millisecond
+		}
+		s, err := startSink(body, delay)
+		if err != nil {
+			return nil, err
+		}
+		return &mirrorTarget{addr: s.addr, sink: s, close: s.close}, nil
+	case "hung":
+		h, err := harness.StartHung()
+		if err != nil {
+			return nil, err
+		}
+		return &mirrorTarget{addr: h.Addr, hung: h, close: h.Close}, nil
+	default: // down
+		addr, err := harness.FreeAddr()
+		return &mirrorTarget{addr: addr, close: func() {}}, err
+	}
+}
+
+type measure struct {
+	reqs, errors   int
+	rps            float64
+	p50, p99       time.Duration
+	cpuPerReq      time.Duration
+	copiesPerPrim  float64
+	primaryDelta   int64
+	copiesReceived int64
+}
+
+type modeRun struct {
+	name    string
+	traefik *harness.Traefik
+	primary *sink
+	mirror  *mirrorTarget
+	runs    []measure
+	peakRSS int64
+	openEnd int64
+}
+
+func dynamicFor(mode string, sc scenario, primary, mirror string) string {
+	d, err := harness.ExampleDynamic()
+	if err != nil {
+		panic(err)
+	}
+	d.Service("primary", "http://"+primary)
+	switch mode {
+	case "none":
+		d.Router("api", "/", "primary")
+	case "builtin":
+		d.Service("mirror-svc", "http://"+mirror)
+		d.MirroringService("mirrored", "primary", "mirror-svc", 1<<20)
+		d.Router("api", "/", "mirrored")
+	case "plugin":
+		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent})
+		d.Router("api", "/", "primary", "mirror-api")
+	}
+	return d.YAML()
+}
+
+func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
+	body := bytes.Repeat([]byte("0123456789abcdef"), sc.bodySize/16)
+	var runs []*modeRun
+	defer func() {
+		for _, r := range runs {
+			if r.traefik != nil {
+				r.traefik.Stop()
+			}
+			r.primary.close()
+			r.mirror.close()
+		}
+	}()
+	for _, mode := range sc.modes {
+		primary, err := startSink(body, 0)
+		if err != nil {
+			return err
+		}
+		mirror, err := startMirror(sc.mirror, body)
+		if err != nil {
+			return err
+		}
+		r := &modeRun{name: mode, primary: primary, mirror: mirror}
+		runs = append(runs, r)
+		web, _ := harness.FreeAddr()
+		api, _ := harness.FreeAddr()
+		r.traefik, err = harness.StartTraefik(harness.Options{
+			Replace: map[string]string{harness.ExampleWeb: web, harness.ExampleAPI: api},
+			Dynamic: dynamicFor(mode, sc, primary.addr, mirror.addr),
+			Static:  func(cfg map[string]any) { cfg["log"] = map[string]any{"level": "ERROR"} },
+		})
+		if err != nil {
+			return err
+		}
+		if err := r.traefik.WaitRouters("enabled", "api"); err != nil {
+			return err
+		}
+	}
+	// Warm up each Traefik (connections, interpreter, caches).
+	for _, r := range runs {
+		load(r.traefik.WebURL, body, conns, duration/4)
+	}
+	for round := 0; round < rounds; round++ {
+		for _, r := range runs {
+			r.runs = append(r.runs, r.measure(body, conns, duration, sc.mirror == "healthy"))
+		}
+	}
+	for _, r := range runs {
+		st, err := r.traefik.Stats()
+		if err != nil {
+			return err
+		}
+		r.peakRSS = st.PeakR
+		r.openEnd = r.mirror.open()
+	}
+	report(sc, runs)
+	return nil
+}
+
+func (r *modeRun) measure(body []byte, conns int, duration time.Duration, settle bool) measure {
+	st0, _ := r.traefik.Stats()
+	p0, m0 := r.primary.requests.Load(), r.mirrorCount()
+	results, elapsed := load(r.traefik.WebURL, body, conns, duration)
+	st1, _ := r.traefik.Stats()
+	if settle { // copies still in flight when the load stopped
+		deadline := time.Now().Add(2 * time.Second)
+		for r.mirrorCount()-m0 < r.primary.requests.Load()-p0 && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	m := measure{reqs: len(results), errors: harness.Failures(results)}
+	m.rps = float64(len(results)) / elapsed.Seconds()
+	m.p50 = harness.Percentile(results, 50)
+	m.p99 = harness.Percentile(results, 99)
+	if len(results) > 0 {
+		m.cpuPerReq = (st1.CPU - st0.CPU) / time.Duration(len(results))
+	}
+	m.primaryDelta = r.primary.requests.Load() - p0
+	m.copiesReceived = r.mirrorCount() - m0
+	if m.primaryDelta > 0 {
+		m.copiesPerPrim = float64(m.copiesReceived) / float64(m.primaryDelta)
+	}
+	return m
+}
+
+func (r *modeRun) mirrorCount() int64 {
+	if r.mirror.sink == nil {
+		return 0
+	}
+	return r.mirror.sink.requests.Load()
+}
+
+// load runs a closed loop of conns workers posting body for duration.
+func load(url string, body []byte, conns int, duration time.Duration) ([]harness.Result, time.Duration) {
+	client := harness.Client(conns)
+	defer client.CloseIdleConnections()
+	var mu sync.Mutex
+	var all []harness.Result
+	start := time.Now()
+	deadline := start.Add(duration)
+	var wg sync.WaitGroup
+	for w := 0; w < conns; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var mine []harness.Result
+			for time.Now().Before(deadline) {
+				req, _ := http.NewRequest(http.MethodPost, url+"/bench", bytes.NewReader(body))
+				mine = append(mine, harness.Do(client, req))
+			}
+			mu.Lock()
+			all = append(all, mine...)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	return all, time.Since(start)
+}
+
+func median(xs []float64) float64 {
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
+func pick(r *modeRun, f func(measure) float64) float64 {
+	var xs []float64
+	for _, m := range r.runs {
+		xs = append(xs, f(m))
+	}
+	return median(xs)
+}
+
+func report(sc scenario, runs []*modeRun) {
+	fmt.Printf("\n## %s (mirror %s, %d B bodies, percent %d)\n\n", sc.name, sc.mirror, sc.bodySize, sc.percent)
+	fmt.Println("| mode | req/s | p50 | p99 | errors | Traefik CPU/req | peak RSS | copies/primary | bad copies | mirror conns after |")
+	fmt.Println("|---|---|---|---|---|---|---|---|---|---|")
+	vals := map[string]map[string]float64{}
+	for _, r := range runs {
+		v := map[string]float64{
+			"rps":    pick(r, func(m measure) float64 { return m.rps }),
+			"p50":    pick(r, func(m measure) float64 { return float64(m.p50) }),
+			"p99":    pick(r, func(m measure) float64 { return float64(m.p99) }),
+			"cpu":    pick(r, func(m measure) float64 { return float64(m.cpuPerReq) }),
+			"copies": pick(r, func(m measure) float64 { return m.copiesPerPrim }),
+		}
+		vals[r.name] = v
+		errors := 0
+		for _, m := range r.runs {
+			errors += m.errors
+		}
+		bad := int64(0)
+		if r.mirror.sink != nil {
+			bad = r.mirror.sink.badBody.Load()
+		}
+		copies := "-"
+		if sc.mirror == "healthy" && r.name != "none" {
+			copies = fmt.Sprintf("%.4f", v["copies"])
+		}
+		fmt.Printf("| %s | %.0f | %v | %v | %d | %v | %.0f MiB | %s | %d | %d |\n", r.name, v["rps"],
+			time.Duration(v["p50"]).Round(10*time.Microsecond), time.Duration(v["p99"]).Round(10*time.Microsecond),
+			errors, time.Duration(v["cpu"]).Round(time.Microsecond), float64(r.peakRSS)/(1<<20), copies, bad, r.openEnd)
+	}
+	none, plugin := vals["none"], vals["plugin"]
+	fmt.Printf("\nplugin/none: throughput %.2fx, CPU/req %.2fx, p99 %.2fx", plugin["rps"]/none["rps"], plugin["cpu"]/none["cpu"], plugin["p99"]/none["p99"])
+	if builtin, ok := vals["builtin"]; ok {
+		fmt.Printf("; plugin/builtin: throughput %.2fx, CPU/req %.2fx, p99 %.2fx", plugin["rps"]/builtin["rps"], plugin["cpu"]/builtin["cpu"], plugin["p99"]/builtin["p99"])
+	}
+	fmt.Println()
+}
+
+func traefikVersion() string {
+	bin, err := harness.TraefikBinary()
+	if err != nil {
+		return "?"
+	}
+	return bin[strings.LastIndex(bin, "/")+1:]
+}
+
+func machine() string {
+	cpu := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "model name") {
+				cpu = strings.TrimSpace(line[strings.Index(line, ":")+1:])
+				break
+			}
+		}
+	}
+	return fmt.Sprintf("%s, %d CPUs", cpu, runtime.NumCPU())
+}
