@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"strings"
@@ -20,6 +21,8 @@ import (
 
 	"github.com/mirrorgate/traefik-mirror/tests/harness"
 )
+
+var profileDir string
 
 type scenario struct {
 	name     string
@@ -43,6 +46,7 @@ func main() {
 	rounds := flag.Int("rounds", 3, "rounds of alternation (A B C A B C ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
+	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of each Traefik during its first run")
 	flag.Parse()
 
 	fmt.Printf("# Load benchmark\n\n%d rounds of %s per mode, %d keep-alive connections, POST bodies, Traefik %s, %s\n",
@@ -211,6 +215,7 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 		web, _ := harness.FreeAddr()
 		api, _ := harness.FreeAddr()
 		r.traefik, err = harness.StartTraefik(harness.Options{
+			Debug:   profileDir != "", // pprof endpoints
 			Replace: map[string]string{harness.ExampleWeb: web, harness.ExampleAPI: api},
 			Dynamic: dynamicFor(mode, sc, primary.addr, mirror.addr),
 			Static:  func(cfg map[string]any) { cfg["log"] = map[string]any{"level": "ERROR"} },
@@ -228,7 +233,17 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 	}
 	for round := 0; round < rounds; round++ {
 		for _, r := range runs {
+			var profile chan error
+			if profileDir != "" && round == 0 {
+				profile = make(chan error, 1)
+				go func() { profile <- r.profile(filepath.Join(profileDir, sc.name+"-"+r.name+".prof"), duration) }()
+			}
 			r.runs = append(r.runs, r.measure(body, conns, duration, sc.mirror == "healthy"))
+			if profile != nil {
+				if err := <-profile; err != nil {
+					return err
+				}
+			}
 		}
 	}
 	for _, r := range runs {
@@ -267,6 +282,26 @@ func (r *modeRun) measure(body []byte, conns int, duration time.Duration, settle
 		m.copiesPerPrim = float64(m.copiesReceived) / float64(m.primaryDelta)
 	}
 	return m
+}
+
+// profile saves a CPU profile of Traefik taken over most of a run.
+func (r *modeRun) profile(path string, duration time.Duration) error {
+	seconds := int(duration.Seconds()) - 1
+	if seconds < 1 {
+		seconds = 1
+	}
+	resp, err := http.Get(fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", r.traefik.APIURL, seconds))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = io.Copy(f, resp.Body)
+	return err
 }
 
 func (r *modeRun) mirrorCount() int64 {
