@@ -56,7 +56,7 @@ func (m *mirror) send(c *copyRequest) {
 		var resp *http.Response
 		resp, err = sharedTransport.RoundTrip(out)
 		if err == nil {
-			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxDrain))
+			_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
 			_ = resp.Body.Close()
 			if resp.StatusCode < 500 {
 				c.outcome = sent
@@ -74,7 +74,7 @@ func (m *mirror) settle(c *copyRequest) {
 	if r := recover(); r != nil {
 		c.outcome, c.err = failed, fmt.Errorf("panic: %v", r)
 	}
-	m.release()
+	<-m.slots
 	m.out.add(c.outcome, c.err)
 }
 

@@ -48,7 +48,8 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 // and local values: the common paths stay here, short, and the copy path lives in start.
 func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	switch {
-	case req.Header.Get(markerHeader) != "" || req.Header.Get("Upgrade") != "" || req.Method == http.MethodConnect:
+	// Map indexing, not Header.Get: the server canonicalizes keys, and a call costs more.
+	case req.Header[markerHeader] != nil || req.Header["Upgrade"] != nil || req.Method == http.MethodConnect:
 		atomic.AddInt64(&m.out.counts[skipped], 1)
 	case m.cfg.percent < 100 && rand.Float64()*100 >= m.cfg.percent:
 		atomic.AddInt64(&m.out.counts[sampledOut], 1)
