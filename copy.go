@@ -8,7 +8,11 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"time"
 )
+
+// dialPause is how long copies stop after the mirror could not be connected to.
+const dialPause = time.Second
 
 // maxDrain bounds how much of a mirror's answer is read so that its connection can be reused.
 const maxDrain = 64 << 10
@@ -67,6 +71,11 @@ func (m *mirror) send(c *copyRequest) {
 	}
 	cancel()
 	c.err = err
+	// Refused, unreachable or unresolvable (net.OpError "dial ..."): pause instead of trying
+	// every request. errors.As cannot be used under Yaegi.
+	if err != nil && strings.HasPrefix(err.Error(), "dial ") {
+		m.pausedUntil.Store(time.Now().Add(dialPause).UnixNano())
+	}
 }
 
 // settle is deferred by send: a panic in a goroutine the plugin started would kill Traefik.

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // markerHeader is set on every copy; a request that carries it is never copied again.
@@ -23,6 +24,10 @@ type mirror struct {
 	cfg    settings
 	slots  chan struct{} // one token per copy in flight
 	out    *outcomes
+
+	// pausedUntil (unix nanoseconds) stops copies for a while after the mirror refused a
+	// connection: trying every request against a mirror that is down costs as much as a copy.
+	pausedUntil atomic.Int64
 }
 
 // New creates the mirroring middleware.
@@ -53,6 +58,8 @@ func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 		atomic.AddInt64(&m.out.counts[skipped], 1)
 	case m.cfg.percent < 100 && rand.Float64()*100 >= m.cfg.percent:
 		atomic.AddInt64(&m.out.counts[sampledOut], 1)
+	case len(m.slots) == cap(m.slots): // the common case when the mirror is slow or hung
+		m.out.add(dropped, nil)
 	default:
 		if t := m.start(req); t != nil {
 			m.next.ServeHTTP(rw, req)
@@ -70,6 +77,10 @@ func (m *mirror) start(req *http.Request) *teeBody {
 	withBody := m.cfg.mirrorBody && req.Body != nil && req.Body != http.NoBody && req.ContentLength != 0
 	if withBody && m.cfg.maxBodySize >= 0 && req.ContentLength > m.cfg.maxBodySize {
 		m.out.add(tooLarge, nil)
+		return nil
+	}
+	if until := m.pausedUntil.Load(); until != 0 && time.Now().UnixNano() < until {
+		m.out.add(failed, nil) // the last error is the refused connection
 		return nil
 	}
 	select {

@@ -457,6 +457,12 @@ func TestMirrorFailuresNeverReachThePrimary(t *testing.T) {
 		expErr string
 	}{
 		{desc: "down", down: true, expErr: "connection refused"},
+		{desc: "slow", answer: func(_ http.ResponseWriter, r *http.Request, _ <-chan struct{}) {
+			select { // slower than the primary, within the timeout
+			case <-time.After(100 * time.Millisecond):
+			case <-r.Context().Done():
+			}
+		}},
 		{desc: "hung", answer: func(_ http.ResponseWriter, _ *http.Request, hung <-chan struct{}) { <-hung }, expErr: "context deadline exceeded"},
 		{desc: "500", answer: func(rw http.ResponseWriter, _ *http.Request, _ <-chan struct{}) {
 			rw.WriteHeader(http.StatusInternalServerError)
@@ -482,6 +488,9 @@ func TestMirrorFailuresNeverReachThePrimary(t *testing.T) {
 			t.Parallel()
 			cfg := CreateConfig()
 			cfg.Timeout = "200ms"
+			if test.expErr == "" {
+				cfg.Timeout = "5s"
+			}
 			if test.down {
 				l, err := net.Listen("tcp", "127.0.0.1:0")
 				require.NoError(t, err)
@@ -503,6 +512,11 @@ func TestMirrorFailuresNeverReachThePrimary(t *testing.T) {
 				assert.Empty(t, got)
 				p := s.primary.next(t)
 				assert.True(t, bytes.Equal(body, p.body), "primary body")
+			}
+			if test.expErr == "" {
+				s.waitOutcome(t, sent, n)
+				require.Eventually(t, func() bool { return s.inflight() == 0 }, waitLimit, time.Millisecond)
+				return
 			}
 			s.waitOutcome(t, failed, n)
 			require.Eventually(t, func() bool { return strings.Contains(s.stderr.String(), "failed=") }, waitLimit, time.Millisecond)
@@ -674,4 +688,47 @@ func TestOutcomeLogIsRateLimited(t *testing.T) {
 	o.pending.Store(false)
 	o.add(sent, nil)
 	assert.Equal(t, "mirror api@file: sent=1\n", stdout.String(), "successes go to DEBUG")
+}
+
+// A mirror that refuses connections is not tried on every request: copies pause for dialPause,
+// counted as failed at once, and resume when it is back.
+func TestRefusedConnectionPausesCopies(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	l.Close()
+	cfg := CreateConfig()
+	cfg.URL = "http://" + addr
+	s := newStack(t, cfg, nil)
+
+	status, _ := s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/1", nil))
+	assert.Equal(t, http.StatusOK, status)
+	s.waitOutcome(t, failed, 1)
+	require.NotZero(t, s.m.pausedUntil.Load(), "the refused connection pauses copies")
+
+	back := newUpstreamOn(t, addr)
+	status, _ = s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/2", nil))
+	assert.Equal(t, http.StatusOK, status)
+	assert.Equal(t, int64(2), s.m.out.get(failed), "counted before the primary ran: no copy was tried")
+	assert.Equal(t, 0, s.inflight())
+
+	require.Eventually(t, func() bool {
+		s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/3", nil))
+		return s.m.out.get(sent) > 0
+	}, waitLimit, 50*time.Millisecond, "copies resume once the pause is over")
+	assert.Equal(t, "/3", back.next(t).path)
+	assert.Contains(t, s.stderr.String(), "connection refused")
+}
+
+func newUpstreamOn(t *testing.T, addr string) *upstream {
+	t.Helper()
+	l, err := net.Listen("tcp", addr)
+	require.NoError(t, err)
+	u := &upstream{got: make(chan received, 100)}
+	u.Server = httptest.NewUnstartedServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) { u.got <- record(r) }))
+	u.Server.Listener.Close()
+	u.Server.Listener = l
+	u.Start()
+	t.Cleanup(u.Close)
+	return u
 }

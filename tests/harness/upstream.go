@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -131,8 +132,12 @@ func StartHung() (*Hung, error) {
 	go func() {
 		for {
 			c, err := l.Accept()
-			if err != nil {
+			if errors.Is(err, net.ErrClosed) {
 				return
+			}
+			if err != nil { // out of descriptors, say: try again
+				time.Sleep(10 * time.Millisecond)
+				continue
 			}
 			h.mu.Lock()
 			h.all = append(h.all, c)

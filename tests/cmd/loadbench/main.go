@@ -17,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/mirrorgate/traefik-mirror/tests/harness"
@@ -48,6 +49,13 @@ func main() {
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
 	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of each Traefik during its first run")
 	flag.Parse()
+
+	// The built-in mirroring service keeps a connection per copy to a hung mirror: without a
+	// higher limit the mirrors in this process run out of descriptors and skew later runs.
+	lim := &syscall.Rlimit{Cur: 1 << 20, Max: 1 << 20}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, lim); err != nil {
+		fmt.Fprintln(os.Stderr, "loadbench: could not raise the open file limit:", err)
+	}
 
 	fmt.Printf("# Load benchmark\n\n%d rounds of %s per mode, %d keep-alive connections, POST bodies, Traefik %s, %s\n",
 		*rounds, *duration, *conns, traefikVersion(), machine())
