@@ -70,9 +70,9 @@ func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	m.next.ServeHTTP(rw, req)
 }
 
-// start copies a request that passed the cheap checks, unless its body is too large or every
-// slot is taken. A body of unknown length is copied as the primary reads it: start then
-// returns the teeBody, to be abandoned once the primary is done.
+// start copies a request that passed the cheap checks, unless its body is too large, the
+// mirror is paused or every slot is taken. A body of unknown length is copied as the primary
+// reads it: start then returns the teeBody, to be abandoned once the primary is done.
 func (m *mirror) start(req *http.Request) *teeBody {
 	withBody := m.cfg.mirrorBody && req.Body != nil && req.Body != http.NoBody && req.ContentLength != 0
 	if withBody && m.cfg.maxBodySize >= 0 && req.ContentLength > m.cfg.maxBodySize {
@@ -85,11 +85,17 @@ func (m *mirror) start(req *http.Request) *teeBody {
 	}
 	select {
 	case m.slots <- struct{}{}:
+		return m.capture(req, withBody)
 	default:
 		m.out.add(dropped, nil)
 		return nil
 	}
+}
 
+// capture takes what the copy needs, and its body, and starts it; it owns the slot taken by
+// start. (A function of its own: under Yaegi every call allocates all of its locals, so the
+// paths that copy nothing stay cheaper without these.)
+func (m *mirror) capture(req *http.Request, withBody bool) *teeBody {
 	// Taken now: later middlewares may change the request in place.
 	c := &copyRequest{
 		method:     req.Method,
