@@ -229,7 +229,7 @@ func TestTraefikHeaders(t *testing.T) {
 }
 
 func TestTraefikMirrorFaultsDoNotReachThePrimary(t *testing.T) {
-	hung, err := harness.StartHung()
+	hung, err := harness.StartHung(0)
 	require.NoError(t, err)
 	t.Cleanup(hung.Close)
 	slow, err := harness.StartUpstream("127.0.0.1:0", 1, func(_ http.ResponseWriter, r *http.Request) {
@@ -308,7 +308,7 @@ func TestTraefikMirrorFaultsDoNotReachThePrimary(t *testing.T) {
 }
 
 func TestTraefikSaturationIsBounded(t *testing.T) {
-	hung, err := harness.StartHung()
+	hung, err := harness.StartHung(0)
 	require.NoError(t, err)
 	t.Cleanup(hung.Close)
 	d := exampleDynamic(t)

@@ -247,7 +247,7 @@ func TestYaegiBodiesAndHeaders(t *testing.T) {
 
 func TestYaegiMirrorFailures(t *testing.T) {
 	p := loadInterpreted(t)
-	hung, err := harness.StartHung()
+	hung, err := harness.StartHung(0)
 	require.NoError(t, err)
 	t.Cleanup(hung.Close)
 	down, err := harness.FreeAddr()
@@ -286,7 +286,7 @@ func TestYaegiMirrorFailures(t *testing.T) {
 
 func TestYaegiSaturationDrops(t *testing.T) {
 	p := loadInterpreted(t)
-	hung, err := harness.StartHung()
+	hung, err := harness.StartHung(0)
 	require.NoError(t, err)
 	t.Cleanup(hung.Close)
 	s := newYaegiStack(t, p, map[string]any{"url": "http://" + hung.Addr, "maxInflight": 1, "timeout": "30s"}, "sat@file", nil)

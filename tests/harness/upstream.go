@@ -122,8 +122,9 @@ type Hung struct {
 	all  []net.Conn
 }
 
-// StartHung listens on a free loopback port.
-func StartHung() (*Hung, error) {
+// StartHung listens on a free loopback port. With max > 0, connections past max open ones are
+// closed at once, so that a client that never lets go cannot exhaust this process's descriptors.
+func StartHung(max int) (*Hung, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -137,6 +138,10 @@ func StartHung() (*Hung, error) {
 			}
 			if err != nil { // out of descriptors, say: try again
 				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			if max > 0 && h.Open() >= max {
+				_ = c.Close()
 				continue
 			}
 			h.mu.Lock()

@@ -17,13 +17,17 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/mirrorgate/traefik-mirror/tests/harness"
 )
 
 var profileDir string
+
+// hungCap bounds the connections a hung mirror keeps open: the built-in mirroring service
+// opens one per copy and never lets go, and this process has a limited number of descriptors.
+// A "mirror conns after" of hungCap means "at least".
+const hungCap = 4000
 
 type scenario struct {
 	name     string
@@ -49,13 +53,6 @@ func main() {
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
 	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of each Traefik during its first run")
 	flag.Parse()
-
-	// The built-in mirroring service keeps a connection per copy to a hung mirror: without a
-	// higher limit the mirrors in this process run out of descriptors and skew later runs.
-	lim := &syscall.Rlimit{Cur: 1 << 20, Max: 1 << 20}
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, lim); err != nil {
-		fmt.Fprintln(os.Stderr, "loadbench: could not raise the open file limit:", err)
-	}
 
 	fmt.Printf("# Load benchmark\n\n%d rounds of %s per mode, %d keep-alive connections, POST bodies, Traefik %s, %s\n",
 		*rounds, *duration, *conns, traefikVersion(), machine())
@@ -146,7 +143,7 @@ func startMirror(kind string, body []byte) (*mirrorTarget, error) {
 		}
 		return &mirrorTarget{addr: s.addr, sink: s, close: s.close}, nil
 	case "hung":
-		h, err := harness.StartHung()
+		h, err := harness.StartHung(hungCap)
 		if err != nil {
 			return nil, err
 		}
