@@ -47,7 +47,7 @@ func BenchmarkServeHTTP(b *testing.B) {
 			cfg := CreateConfig()
 			cfg.URL = mirrorSrv.URL
 			cfg.Percent = bc.percent
-			cfg.MaxInflight = 128
+			cfg.MaxInflight = 1 << 20 // pacing below keeps copies in flight few; none is dropped
 			h, err := New(context.Background(), next, cfg, "bench@file")
 			if err != nil {
 				b.Fatal(err)

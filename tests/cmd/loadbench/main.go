@@ -380,7 +380,7 @@ func report(sc scenario, runs []*modeRun) {
 			bad = r.mirror.sink.badBody.Load()
 		}
 		copies := "-"
-		if sc.mirror == "healthy" && r.name != "none" {
+		if sc.mirror == "healthy" && sc.percent > 0 && r.name != "none" {
 			copies = fmt.Sprintf("%.4f", v["copies"])
 		}
 		fmt.Printf("| %s | %.0f | %v | %v | %d | %v | %.0f MiB | %s | %d | %d |\n", r.name, v["rps"],
