@@ -44,8 +44,8 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 		slots:  make(chan struct{}, cfg.maxInflight),
 		out:    newOutcomes(name),
 	}
-	fmt.Printf("mirror %s: copying to %s percent=%v mirrorBody=%v maxBodySize=%d timeout=%s maxInflight=%d\n",
-		name, cfg.base, cfg.percent, cfg.mirrorBody, cfg.maxBodySize, cfg.timeout, cfg.maxInflight)
+	m.out.debug(fmt.Sprintf("mirror %s: copying to %s percent=%v mirrorBody=%v maxBodySize=%d timeout=%s maxInflight=%d",
+		name, cfg.base, cfg.percent, cfg.mirrorBody, cfg.maxBodySize, cfg.timeout, cfg.maxInflight))
 	return m, nil
 }
 

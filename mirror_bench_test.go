@@ -32,6 +32,8 @@ var benchCases = []struct {
 // loopback mirror included, with at most 64 copies in flight so that none is dropped
 // (copies/op shows it).
 func BenchmarkServeHTTP(b *testing.B) {
+	defer func(saved func(string)) { debugLine = saved }(debugLine)
+	debugLine = func(string) {} // keep the benchmark's output readable
 	var received atomic.Int64
 	mirrorSrv := httptest.NewServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
@@ -53,7 +55,6 @@ func BenchmarkServeHTTP(b *testing.B) {
 				b.Fatal(err)
 			}
 			m := h.(*mirror)
-			m.out.debug = func(string) {}
 			m.out.error = func(string) {}
 			body := []byte(strings.Repeat("b", bc.size))
 			rw := httptest.NewRecorder()

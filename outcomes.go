@@ -46,12 +46,14 @@ type outcomes struct {
 func newOutcomes(name string) *outcomes {
 	// Under Yaegi, fmt.Print* and the log package write to the interpreter's stdout and stderr,
 	// which Traefik logs at DEBUG and ERROR; os.Stdout and os.Stderr bypass Traefik's log.
-	return &outcomes{
-		name:  name,
-		debug: func(line string) { fmt.Println(line) },
-		error: func(line string) { log.Println(line) },
-	}
+	return &outcomes{name: name, debug: debugLine, error: errorLine}
 }
+
+// debugLine and errorLine write a line at Traefik's DEBUG and ERROR levels.
+var (
+	debugLine = func(line string) { fmt.Println(line) }
+	errorLine = func(line string) { log.Println(line) }
+)
 
 // add counts an outcome and, unless a log line is already due, schedules one. The request
 // path counts sampledOut and skipped with a bare atomic add instead: lines are written when
