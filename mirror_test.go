@@ -726,8 +726,8 @@ func newUpstreamOn(t *testing.T, addr string) *upstream {
 	require.NoError(t, err)
 	u := &upstream{got: make(chan received, 100)}
 	u.Server = httptest.NewUnstartedServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) { u.got <- record(r) }))
-	u.Server.Listener.Close()
-	u.Server.Listener = l
+	u.Listener.Close()
+	u.Listener = l
 	u.Start()
 	t.Cleanup(u.Close)
 	return u

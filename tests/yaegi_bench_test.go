@@ -65,10 +65,10 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 	}
 }
 
-// paceCopies waits until fewer than max of the sent copies are still on their way.
-func paceCopies(b *testing.B, sent, max int, received func() int) {
+// paceCopies waits until fewer than limit of the sent copies are still on their way.
+func paceCopies(b *testing.B, sent, limit int, received func() int) {
 	deadline := time.Now().Add(10 * time.Second)
-	for sent-received() >= max {
+	for sent-received() >= limit {
 		if time.Now().After(deadline) {
 			b.Fatalf("%d copies still in flight after 10s", sent-received())
 		}

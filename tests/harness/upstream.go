@@ -122,9 +122,10 @@ type Hung struct {
 	all  []net.Conn
 }
 
-// StartHung listens on a free loopback port. With max > 0, connections past max open ones are
-// closed at once, so that a client that never lets go cannot exhaust this process's descriptors.
-func StartHung(max int) (*Hung, error) {
+// StartHung listens on a free loopback port. With limit > 0, connections past limit open ones
+// are closed at once, so that a client that never lets go cannot exhaust this process's
+// descriptors.
+func StartHung(limit int) (*Hung, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -140,7 +141,7 @@ func StartHung(max int) (*Hung, error) {
 				time.Sleep(10 * time.Millisecond)
 				continue
 			}
-			if max > 0 && h.Open() >= max {
+			if limit > 0 && h.Open() >= limit {
 				_ = c.Close()
 				continue
 			}
