@@ -345,8 +345,7 @@ func TestTraefikPercent(t *testing.T) {
 	results := harness.Run(e.client, n, 16, func(int) *http.Request { return e.request(t, http.MethodGet, "/p", nil) })
 	require.Equal(t, 0, harness.Failures(results))
 	require.Eventually(t, func() bool { return e.primary.Count() == n }, waitLimit, 10*time.Millisecond)
-	// Copies are sent before the primary answers for bodiless requests; give stragglers a
-	// moment by sending one more round trip through the mirror.
+	// Copies still on their way when the load ends: wait until the count stops moving.
 	var last int
 	require.Eventually(t, func() bool {
 		c := e.mirror.Count()
@@ -366,9 +365,6 @@ func h2cClient() *http.Client {
 }
 
 func TestTraefikStreamingRequest(t *testing.T) {
-	duplex, err := harness.StartUpstream("127.0.0.1:0", 0, nil)
-	require.NoError(t, err)
-	duplex.Close()
 	// A primary that answers after the first line of the body, then echoes the rest.
 	primary := &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 		_ = http.NewResponseController(rw).EnableFullDuplex()
@@ -446,7 +442,7 @@ func TestTraefikLoopProtection(t *testing.T) {
 	require.True(t, ok)
 	second, ok := e.primary.Next(waitLimit)
 	require.True(t, ok)
-	assert.Empty(t, first.Header.Get("X-Mirrored-By")+second.Header.Get("X-Mirrored-By") == "", "one is the copy")
+	assert.NotEmpty(t, first.Header.Get("X-Mirrored-By")+second.Header.Get("X-Mirrored-By"), "one of them is the copy")
 	assert.Equal(t, "once", string(second.Body))
 	// A loop would keep sending; a few round trips later nothing else has come.
 	for i := 0; i < 5; i++ {
