@@ -44,12 +44,12 @@ type outcomes struct {
 }
 
 func newOutcomes(name string) *outcomes {
-	// Under Yaegi, fmt.Print* and the log package write to the interpreter's stdout and stderr,
-	// which Traefik logs at DEBUG and ERROR; os.Stdout and os.Stderr bypass Traefik's log.
 	return &outcomes{name: name, debug: debugLine, error: errorLine}
 }
 
-// debugLine and errorLine write a line at Traefik's DEBUG and ERROR levels.
+// debugLine and errorLine write a line at Traefik's DEBUG and ERROR levels: under Yaegi,
+// fmt.Print* and the log package write to the interpreter's stdout and stderr, which Traefik
+// logs at those levels, while os.Stdout and os.Stderr would bypass Traefik's log.
 var (
 	debugLine = func(line string) { fmt.Println(line) }
 	errorLine = func(line string) { log.Println(line) }
