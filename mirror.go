@@ -19,8 +19,7 @@ const markerHeader = "X-Mirrored-By"
 
 type mirror struct {
 	next   http.Handler
-	name   string
-	marker []string // the value of markerHeader
+	marker []string // the value of markerHeader: the middleware's name
 	cfg    settings
 	slots  chan struct{} // one token per copy in flight
 	out    *outcomes
@@ -38,7 +37,6 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 	}
 	m := &mirror{
 		next:   next,
-		name:   name,
 		marker: []string{name},
 		cfg:    cfg,
 		slots:  make(chan struct{}, cfg.maxInflight),
@@ -133,13 +131,8 @@ func (m *mirror) capture(req *http.Request, withBody bool) *teeBody {
 	return nil
 }
 
-// release gives a slot back.
-func (m *mirror) release() {
-	select {
-	case <-m.slots:
-	default: // never block, even if a panic path released it already
-	}
-}
+// release gives back the slot that the caller owns.
+func (m *mirror) release() { <-m.slots }
 
 // teeBody keeps a copy of a body of unknown length while the primary reads it, and sends the
 // mirror copy when the primary has read it all.

@@ -30,20 +30,13 @@ func ExampleDynamic() (*Dynamic, error) {
 	return d, nil
 }
 
-// ExampleMirrorOptions returns a copy of the example middleware's plugin options.
-func (d *Dynamic) ExampleMirrorOptions() map[string]any {
-	mw := d.HTTP.Middlewares["mirror-api"].(map[string]any)
-	opts := mw["plugin"].(map[string]any)["mirror"].(map[string]any)
-	out := map[string]any{}
-	for k, v := range opts {
-		out[k] = v
-	}
-	return out
-}
-
 // Mirror adds a middleware with the example's options, changed by overrides.
 func (d *Dynamic) Mirror(name string, overrides map[string]any) {
-	opts := d.ExampleMirrorOptions()
+	example := d.HTTP.Middlewares["mirror-api"].(map[string]any)["plugin"].(map[string]any)["mirror"].(map[string]any)
+	opts := map[string]any{}
+	for k, v := range example {
+		opts[k] = v
+	}
 	for k, v := range overrides {
 		if v == nil {
 			delete(opts, k)

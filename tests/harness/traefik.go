@@ -218,21 +218,16 @@ func (t *Traefik) Goroutines() (int, error) {
 	return n, nil
 }
 
-// Stats are Traefik's CPU time and memory, from /proc.
+// Stats are Traefik's CPU time and peak memory, from /proc.
 type Stats struct {
-	CPU   time.Duration // user + system, since start
-	RSS   int64         // bytes, now
-	PeakR int64         // bytes, VmHWM
+	CPU     time.Duration // user + system, since start
+	PeakRSS int64         // bytes, VmHWM
 }
 
 // Stats reads Traefik's process statistics.
 func (t *Traefik) Stats() (Stats, error) {
-	return ProcStats(t.cmd.Process.Pid)
-}
-
-// ProcStats reads CPU time and memory of a process from /proc.
-func ProcStats(pid int) (Stats, error) {
 	var s Stats
+	pid := t.cmd.Process.Pid
 	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return s, err
@@ -248,11 +243,8 @@ func ProcStats(pid int) (Stats, error) {
 	}
 	for _, line := range strings.Split(string(status), "\n") {
 		var kb int64
-		if _, err := fmt.Sscanf(line, "VmRSS: %d kB", &kb); err == nil {
-			s.RSS = kb << 10
-		}
 		if _, err := fmt.Sscanf(line, "VmHWM: %d kB", &kb); err == nil {
-			s.PeakR = kb << 10
+			s.PeakRSS = kb << 10
 		}
 	}
 	return s, nil

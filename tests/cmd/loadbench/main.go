@@ -256,7 +256,7 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 		if err != nil {
 			return err
 		}
-		r.peakRSS = st.PeakR
+		r.peakRSS = st.PeakRSS
 		r.openEnd = r.mirror.open()
 	}
 	report(sc, runs)
