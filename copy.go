@@ -17,9 +17,8 @@ const dialPause = time.Second
 // maxDrain bounds how much of a mirror's answer is read so that its connection can be reused.
 const maxDrain = 64 << 10
 
-// hopHeaders are removed from the copy, as a proxy does (RFC 9110, section 7.6.1); so are the
-// headers named in Connection and every Proxy-* header.
-var hopHeaders = []string{"Connection", "Keep-Alive", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
+// hopHeaders are the hop-by-hop headers that removeHopHeaders takes off the copy.
+var hopHeaders = []string{"Connection", "Keep-Alive", "Te", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization"}
 
 // sharedTransport carries the copies of every instance. Package-level state survives
 // configuration reloads, so idle connections to the mirror are reused instead of reopened.
@@ -37,9 +36,7 @@ func newTransport() *http.Transport {
 type copyRequest struct {
 	method     string
 	uri        string // escaped path and query
-	host       string
 	remoteAddr string
-	tls        bool
 	header     http.Header
 	body       []byte // nil: no body
 
@@ -49,13 +46,13 @@ type copyRequest struct {
 
 // send runs in its own goroutine and owns one slot until settle gives it back. (A pool of
 // reused goroutines was measured slower under Yaegi: its select costs more than go.)
-func (m *mirror) send(c *copyRequest) {
+func send(m *mirror, c *copyRequest) {
 	c.outcome = failed // what settle counts if anything below panics
-	defer m.settle(c)
+	defer settle(m, c)
 
 	// Detached from the client's request: only the mirror's own deadline cancels the copy.
 	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.timeout)
-	out, err := m.newCopy(ctx, c)
+	out, err := newCopy(m, ctx, c)
 	if err == nil {
 		var resp *http.Response
 		resp, err = sharedTransport.RoundTrip(out)
@@ -73,21 +70,22 @@ func (m *mirror) send(c *copyRequest) {
 	c.err = err
 	// Refused, unreachable or unresolvable (net.OpError "dial ..."): pause instead of trying
 	// every request. errors.As cannot be used under Yaegi.
-	if err != nil && strings.HasPrefix(err.Error(), "dial ") {
-		m.pausedUntil.Store(time.Now().Add(dialPause).UnixNano())
+	if err != nil && strings.HasPrefix(err.Error(), "dial ") && m.paused.CompareAndSwap(false, true) {
+		time.AfterFunc(dialPause, func() { m.paused.Store(false) })
 	}
 }
 
 // settle is deferred by send: a panic in a goroutine the plugin started would kill Traefik.
-func (m *mirror) settle(c *copyRequest) {
+func settle(m *mirror, c *copyRequest) {
 	if r := recover(); r != nil {
 		c.outcome, c.err = failed, fmt.Errorf("panic: %v", r)
 	}
-	<-m.slots // release, inline: each call costs under Yaegi
-	m.out.add(c.outcome, c.err)
+	<-m.slots
+	count(m.out, c.outcome, c.err)
 }
 
-func (m *mirror) newCopy(ctx context.Context, c *copyRequest) (*http.Request, error) {
+// newCopy builds the copy as Traefik's proxy (net/http/httputil) builds the primary's request.
+func newCopy(m *mirror, ctx context.Context, c *copyRequest) (*http.Request, error) {
 	var body io.Reader
 	if c.body != nil {
 		body = bytes.NewReader(c.body)
@@ -98,22 +96,14 @@ func (m *mirror) newCopy(ctx context.Context, c *copyRequest) (*http.Request, er
 		return nil, err
 	}
 
-	// Direct map operations with canonical keys: each function call costs under Yaegi.
+	// Direct map operations with canonical keys: each function call costs under Yaegi, and
+	// most requests carry none of these.
 	h := c.header
-	if v := h["Connection"]; v != nil {
-		for _, f := range v {
-			for _, name := range strings.Split(f, ",") {
-				h.Del(strings.TrimSpace(name))
-			}
-		}
+	if h["Connection"] != nil {
+		removeConnectionHeaders(h)
 	}
 	for _, name := range hopHeaders {
 		delete(h, name)
-	}
-	for name := range h {
-		if len(name) > 6 && name[:6] == "Proxy-" {
-			delete(h, name)
-		}
 	}
 	// Traefik's transport asks the primary for gzip when the client did not say; so does the copy.
 	if h["Accept-Encoding"] == nil && h["Range"] == nil && c.method != http.MethodHead {
@@ -122,17 +112,8 @@ func (m *mirror) newCopy(ctx context.Context, c *copyRequest) (*http.Request, er
 	if h["User-Agent"] == nil {
 		h["User-Agent"] = []string{""} // keep Go's default User-Agent off the copy
 	}
-	if h["X-Forwarded-Host"] == nil && c.host != "" {
-		h["X-Forwarded-Host"] = []string{c.host}
-	}
-	if h["X-Forwarded-Proto"] == nil {
-		if c.tls {
-			h["X-Forwarded-Proto"] = []string{"https"}
-		} else {
-			h["X-Forwarded-Proto"] = []string{"http"}
-		}
-	}
-	// The same X-Forwarded-For that Traefik's proxy (net/http/httputil) gives the primary.
+	// X-Forwarded-Host, -Proto, -Port and -Server are already there: Traefik's entry point sets
+	// them before any middleware runs. X-Forwarded-For is the proxy's, as the primary gets it.
 	if ip, _, err := net.SplitHostPort(c.remoteAddr); err == nil {
 		if prior := h["X-Forwarded-For"]; prior != nil {
 			ip = strings.Join(prior, ", ") + ", " + ip
@@ -143,4 +124,16 @@ func (m *mirror) newCopy(ctx context.Context, c *copyRequest) (*http.Request, er
 	out.Header = h
 	out.Host = m.cfg.host
 	return out, nil
+}
+
+// removeHopHeaders removes the headers named in Connection, then the hop-by-hop headers that
+// net/http/httputil removes (RFC 9110, section 7.6.1). Transfer-Encoding, Trailer and Upgrade
+// need no removal: the transport never sends the first two from Header, and upgrades are not
+// copied.
+func removeConnectionHeaders(h http.Header) {
+	for _, f := range h["Connection"] {
+		for _, name := range strings.Split(f, ",") {
+			h.Del(strings.TrimSpace(name))
+		}
+	}
 }

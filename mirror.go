@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
-	"time"
 )
 
 // markerHeader is set on every copy; a request that carries it is never copied again.
@@ -24,9 +23,9 @@ type mirror struct {
 	slots  chan struct{} // one token per copy in flight
 	out    *outcomes
 
-	// pausedUntil (unix nanoseconds) stops copies for a while after the mirror refused a
-	// connection: trying every request against a mirror that is down costs as much as a copy.
-	pausedUntil atomic.Int64
+	// paused stops copies for dialPause after the mirror refused a connection: trying every
+	// request against a mirror that is down costs as much as a copy.
+	paused atomic.Bool
 }
 
 // New creates the mirroring middleware.
@@ -49,6 +48,10 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 
 // ServeHTTP is interpreted by Yaegi on every request, and its cost grows with its statements
 // and local values: the common paths stay here, short, and the copy path lives in start.
+//
+// Under Yaegi v0.16.1 a call to an interpreted method costs about six times a call to a plain
+// function (each call builds a function wrapper through reflect.MakeFunc), so the request path
+// calls plain functions; only the methods that compiled code calls are methods.
 func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	switch {
 	// Map indexing, not Header.Get: the server canonicalizes keys, and a call costs more.
@@ -57,9 +60,11 @@ func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	case m.cfg.percent < 100 && rand.Float64()*100 >= m.cfg.percent:
 		atomic.AddInt64(&m.out.counts[sampledOut], 1)
 	case len(m.slots) == cap(m.slots): // the common case when the mirror is slow or hung
-		m.out.add(dropped, nil)
+		count(m.out, dropped, nil)
+	case m.paused.Load(): // the mirror refused a connection a moment ago
+		count(m.out, failed, nil)
 	default:
-		if t := m.start(req); t != nil {
+		if t := start(m, req); t != nil {
 			m.next.ServeHTTP(rw, req)
 			t.abandon()
 			return
@@ -68,44 +73,31 @@ func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	m.next.ServeHTTP(rw, req)
 }
 
-// start copies a request that passed the cheap checks, unless its body is too large, the
-// mirror is paused or every slot is taken. A body of unknown length is copied as the primary
-// reads it: start then returns the teeBody, to be abandoned once the primary is done.
-func (m *mirror) start(req *http.Request) *teeBody {
+// start copies a request that passed the cheap checks, unless its body is too large or every
+// slot is taken. It takes what the copy needs now, since later middlewares may change the
+// request in place. A body of unknown length is copied as the primary reads it: start then
+// returns the teeBody, to be abandoned once the primary is done.
+func start(m *mirror, req *http.Request) *teeBody {
 	withBody := m.cfg.mirrorBody && req.Body != nil && req.Body != http.NoBody && req.ContentLength != 0
 	if withBody && m.cfg.maxBodySize >= 0 && req.ContentLength > m.cfg.maxBodySize {
-		m.out.add(tooLarge, nil)
-		return nil
-	}
-	if until := m.pausedUntil.Load(); until != 0 && time.Now().UnixNano() < until {
-		m.out.add(failed, nil) // the last error is the refused connection
+		count(m.out, tooLarge, nil)
 		return nil
 	}
 	select {
-	case m.slots <- struct{}{}:
-		return m.capture(req, withBody)
+	case m.slots <- struct{}{}: // owned by the copy from here on
 	default:
-		m.out.add(dropped, nil)
+		count(m.out, dropped, nil)
 		return nil
 	}
-}
-
-// capture takes what the copy needs, and its body, and starts it; it owns the slot taken by
-// start. (A function of its own: under Yaegi every call allocates all of its locals, so the
-// paths that copy nothing stay cheaper without these.)
-func (m *mirror) capture(req *http.Request, withBody bool) *teeBody {
-	// Taken now: later middlewares may change the request in place.
 	c := &copyRequest{
 		method:     req.Method,
 		uri:        req.URL.RequestURI(),
-		host:       req.Host,
 		remoteAddr: req.RemoteAddr,
-		tls:        req.TLS != nil,
 		header:     req.Header.Clone(),
 	}
 	switch {
 	case !withBody:
-		go m.send(c)
+		go send(m, c)
 
 	case req.ContentLength > 0:
 		// Known length within the limit: read it once, send the copy now, and give the
@@ -115,13 +107,13 @@ func (m *mirror) capture(req *http.Request, withBody bool) *teeBody {
 		if err != nil {
 			// The client cut the body short: the primary sees the same bytes, then the same error.
 			req.Body = io.NopCloser(io.MultiReader(bytes.NewReader(buf[:n]), req.Body))
-			m.release()
-			m.out.add(skipped, nil)
+			<-m.slots
+			count(m.out, skipped, nil)
 			return nil
 		}
 		req.Body = io.NopCloser(bytes.NewReader(buf))
 		c.body = buf
-		go m.send(c)
+		go send(m, c)
 
 	default:
 		t := &teeBody{body: req.Body, m: m, c: c}
@@ -130,9 +122,6 @@ func (m *mirror) capture(req *http.Request, withBody bool) *teeBody {
 	}
 	return nil
 }
-
-// release gives back the slot that the caller owns.
-func (m *mirror) release() { <-m.slots }
 
 // teeBody keeps a copy of a body of unknown length while the primary reads it, and sends the
 // mirror copy when the primary has read it all.
@@ -170,7 +159,7 @@ func (t *teeBody) observe(b []byte, err error) {
 	switch {
 	case err == io.EOF:
 		t.done = true
-		go t.m.send(t.c)
+		go send(t.m, t.c)
 	case err != nil:
 		t.finish(skipped)
 	}
@@ -188,6 +177,6 @@ func (t *teeBody) abandon() {
 func (t *teeBody) finish(o outcome) {
 	t.done = true
 	t.c.body = nil
-	t.m.release()
-	t.m.out.add(o, nil)
+	<-t.m.slots
+	count(t.m.out, o, nil)
 }

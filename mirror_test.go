@@ -332,12 +332,11 @@ func TestCopyHeadersAndURL(t *testing.T) {
 	assert.Equal(t, "/shadow/api/a%2Fb/items", c.path)
 	assert.Equal(t, "q=1&r=2&q=3", c.rawQuery)
 	assert.Equal(t, strings.TrimPrefix(mirrorSrv.URL, "http://"), c.host)
-	assert.Equal(t, "shop.example", c.header.Get("X-Forwarded-Host"))
 	assert.Equal(t, "mirror-test@file", c.header.Get(markerHeader))
 	assert.Equal(t, []string{"text/plain", "application/json"}, c.header.Values("Accept"))
 	assert.Equal(t, "Bearer t", c.header.Get("Authorization"))
 	assert.Equal(t, `{"a":1}`, string(c.body))
-	for _, h := range []string{"X-Hop", "Proxy-Authorization", "Proxy-Foo", "Te", "Connection", "User-Agent"} {
+	for _, h := range []string{"X-Hop", "Proxy-Authorization", "Te", "Connection", "User-Agent"} {
 		assert.Empty(t, c.header.Values(h), h)
 	}
 	// Same X-Forwarded-For as the primary got from the reverse proxy.
@@ -346,7 +345,9 @@ func TestCopyHeadersAndURL(t *testing.T) {
 	// The primary sees the request unchanged.
 	assert.Equal(t, "shop.example", p.host)
 	assert.Empty(t, p.header.Get(markerHeader))
+	// Like the primary's proxy, only the standard Proxy-* headers are hop-by-hop.
 	assert.Equal(t, "1", p.header.Get("Proxy-Foo"))
+	assert.Equal(t, "1", c.header.Get("Proxy-Foo"))
 }
 
 func TestNotCopied(t *testing.T) {
@@ -670,13 +671,13 @@ func TestOutcomeLogIsRateLimited(t *testing.T) {
 	o := newOutcomes("api@file")
 	o.debug = func(line string) { _, _ = stdout.Write([]byte(line + "\n")) }
 	o.error = func(line string) { _, _ = stderr.Write([]byte(line + "\n")) }
-	o.add(failed, fmt.Errorf("first"))
+	count(o, failed, fmt.Errorf("first"))
 	assert.Equal(t, "mirror api@file: failed=1 lastError=\"first\"\n", stderr.String())
 	for i := 0; i < 4; i++ {
-		o.add(failed, fmt.Errorf("boom %d", i))
-		o.add(sent, nil)
+		count(o, failed, fmt.Errorf("boom %d", i))
+		count(o, sent, nil)
 	}
-	o.add(dropped, nil)
+	count(o, dropped, nil)
 	assert.Equal(t, 1, strings.Count(stderr.String(), "\n"), "no second line within the interval")
 	// The pending line is written when the interval ends; bring that forward.
 	o.flush()
@@ -686,7 +687,7 @@ func TestOutcomeLogIsRateLimited(t *testing.T) {
 
 	o.nextLine.Store(0)
 	o.pending.Store(false)
-	o.add(sent, nil)
+	count(o, sent, nil)
 	assert.Equal(t, "mirror api@file: sent=1\n", stdout.String(), "successes go to DEBUG")
 }
 
@@ -704,7 +705,7 @@ func TestRefusedConnectionPausesCopies(t *testing.T) {
 	status, _ := s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/1", nil))
 	assert.Equal(t, http.StatusOK, status)
 	s.waitOutcome(t, failed, 1)
-	require.NotZero(t, s.m.pausedUntil.Load(), "the refused connection pauses copies")
+	require.NotZero(t, s.m.paused.Load(), "the refused connection pauses copies")
 
 	back := newUpstreamOn(t, addr)
 	status, _ = s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/2", nil))

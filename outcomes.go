@@ -55,10 +55,10 @@ var (
 	errorLine = func(line string) { log.Println(line) }
 )
 
-// add counts an outcome and, unless a log line is already due, schedules one. The request
+// count counts an outcome and, unless a log line is already due, schedules one. The request
 // path counts sampledOut and skipped with a bare atomic add instead: lines are written when
-// copies end or are dropped, and carry every count.
-func (o *outcomes) add(k outcome, err error) {
+// copies end or are dropped, and carry every count. (A function, not a method: see ServeHTTP.)
+func count(o *outcomes, k outcome, err error) {
 	atomic.AddInt64(&o.counts[k], 1)
 	if err != nil {
 		o.lastErr.Store(err.Error())

@@ -51,6 +51,7 @@ func main() {
 	rounds := flag.Int("rounds", 3, "rounds of alternation (A B C A B C ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
+	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, plugin (default: all)")
 	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of each Traefik during its first run")
 	flag.Parse()
 
@@ -59,6 +60,15 @@ func main() {
 	for _, sc := range allScenarios {
 		if *only != "" && !strings.Contains(","+*only+",", ","+sc.name+",") {
 			continue
+		}
+		if *modes != "" {
+			var keep []string
+			for _, m := range sc.modes {
+				if strings.Contains(","+*modes+",", ","+m+",") {
+					keep = append(keep, m)
+				}
+			}
+			sc.modes = keep
 		}
 		if err := runScenario(sc, *duration, *rounds, *conns); err != nil {
 			fmt.Fprintln(os.Stderr, "loadbench:", sc.name+":", err)
@@ -388,6 +398,9 @@ func report(sc scenario, runs []*modeRun) {
 			errors, time.Duration(v["cpu"]).Round(time.Microsecond), float64(r.peakRSS)/(1<<20), copies, bad, r.openEnd)
 	}
 	none, plugin := vals["none"], vals["plugin"]
+	if none == nil || plugin == nil {
+		return
+	}
 	fmt.Printf("\nplugin/none: throughput %.2fx, CPU/req %.2fx, p99 %.2fx", plugin["rps"]/none["rps"], plugin["cpu"]/none["cpu"], plugin["p99"]/none["p99"])
 	if builtin, ok := vals["builtin"]; ok {
 		fmt.Printf("; plugin/builtin: throughput %.2fx, CPU/req %.2fx, p99 %.2fx", plugin["rps"]/builtin["rps"], plugin["cpu"]/builtin["cpu"], plugin["p99"]/builtin["p99"])
