@@ -41,6 +41,7 @@ type settings struct {
 	base        string // scheme://host[:port][/base/path], without trailing slash
 	host        string
 	percent     float64
+	share       float64 // percent / 100, for the request path
 	mirrorBody  bool
 	maxBodySize int64 // -1: no limit
 	timeout     time.Duration
@@ -79,6 +80,7 @@ func compile(c *Config) (settings, error) {
 		return s, fmt.Errorf("mirror: invalid percent %v: must be between 0 and 100", c.Percent)
 	}
 	s.percent = c.Percent
+	s.share = c.Percent / 100
 	s.mirrorBody = c.MirrorBody
 
 	if c.MaxBodySize < -1 {

@@ -67,10 +67,17 @@ func send(m *mirror, c *copyRequest) {
 		}
 	}
 	cancel()
+	if err != nil {
+		fail(m, c, err)
+	}
+}
+
+// fail keeps the error of a copy that failed. After a refused, unreachable or unresolvable
+// mirror (net.OpError "dial ..."), copies pause instead of trying every request. (errors.As
+// cannot be used under Yaegi.)
+func fail(m *mirror, c *copyRequest, err error) {
 	c.err = err
-	// Refused, unreachable or unresolvable (net.OpError "dial ..."): pause instead of trying
-	// every request. errors.As cannot be used under Yaegi.
-	if err != nil && strings.HasPrefix(err.Error(), "dial ") && m.paused.CompareAndSwap(false, true) {
+	if strings.HasPrefix(err.Error(), "dial ") && m.paused.CompareAndSwap(false, true) {
 		time.AfterFunc(dialPause, func() { m.paused.Store(false) })
 	}
 }
@@ -78,20 +85,23 @@ func send(m *mirror, c *copyRequest) {
 // settle is deferred by send: a panic in a goroutine the plugin started would kill Traefik.
 func settle(m *mirror, c *copyRequest) {
 	if r := recover(); r != nil {
-		c.outcome, c.err = failed, fmt.Errorf("panic: %v", r)
+		c.outcome, c.err = failed, panicked(r)
 	}
 	<-m.slots
 	count(m.out, c.outcome, c.err)
 }
 
+func panicked(r any) error { return fmt.Errorf("panic: %v", r) }
+
 // newCopy builds the copy as Traefik's proxy (net/http/httputil) builds the primary's request.
+// The request line comes as the primary gets it: Traefik's entry point has already turned the
+// query's semicolons into '&' (or %3B).
 func newCopy(m *mirror, ctx context.Context, c *copyRequest) (*http.Request, error) {
 	var body io.Reader
 	if c.body != nil {
 		body = bytes.NewReader(c.body)
 	}
-	// Traefik's proxy sends the primary the query with ';' turned into '&'.
-	out, err := http.NewRequestWithContext(ctx, c.method, m.cfg.base+strings.ReplaceAll(c.uri, ";", "&"), body)
+	out, err := http.NewRequestWithContext(ctx, c.method, m.cfg.base+c.uri, body)
 	if err != nil {
 		return nil, err
 	}

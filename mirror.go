@@ -46,38 +46,56 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 	return m, nil
 }
 
-// ServeHTTP is interpreted by Yaegi on every request, and its cost grows with its statements
-// and local values: the common paths stay here, short, and the copy path lives in start.
-//
-// Under Yaegi v0.16.1 a call to an interpreted method costs about six times a call to a plain
-// function (each call builds a function wrapper through reflect.MakeFunc), so the request path
-// calls plain functions; only the methods that compiled code calls are methods.
+// ServeHTTP is interpreted by Yaegi on every request. Under Yaegi v0.16.1 every call allocates
+// one value per expression of the called function, and a call to an interpreted method costs
+// about six times a call to a plain function (it builds a function wrapper through
+// reflect.MakeFunc). So ServeHTTP holds only the sampling, the cheapest path; the request path
+// is made of plain functions, each holding what its path needs; only the methods that compiled
+// code calls are methods.
 func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
-	switch {
-	// Map indexing, not Header.Get: the server canonicalizes keys, and a call costs more.
-	case req.Header[markerHeader] != nil || req.Header["Upgrade"] != nil || req.Method == http.MethodConnect:
-		atomic.AddInt64(&m.out.counts[skipped], 1)
-	case m.cfg.percent < 100 && rand.Float64()*100 >= m.cfg.percent:
+	if m.cfg.share < 1 && rand.Float64() >= m.cfg.share {
 		atomic.AddInt64(&m.out.counts[sampledOut], 1)
-	case len(m.slots) == cap(m.slots): // the common case when the mirror is slow or hung
+		m.next.ServeHTTP(rw, req)
+		return
+	}
+	serve(m, rw, req)
+}
+
+// serve copies a sampled request unless no copy can be sent now: the checks that a slow, hung
+// or down mirror makes common come first, and nothing else.
+func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
+	switch {
+	case len(m.slots) == cap(m.slots): // every slot held by a copy in flight
 		count(m.out, dropped, nil)
 	case m.paused.Load(): // the mirror refused a connection a moment ago
 		count(m.out, failed, nil)
 	default:
-		if t := start(m, req); t != nil {
-			m.next.ServeHTTP(rw, req)
-			t.abandon()
-			return
-		}
+		copyAndServe(m, rw, req)
+		return
 	}
 	m.next.ServeHTTP(rw, req)
 }
 
-// start copies a request that passed the cheap checks, unless its body is too large or every
-// slot is taken. It takes what the copy needs now, since later middlewares may change the
-// request in place. A body of unknown length is copied as the primary reads it: start then
-// returns the teeBody, to be abandoned once the primary is done.
+// copyAndServe starts the copy, then serves the primary.
+func copyAndServe(m *mirror, rw http.ResponseWriter, req *http.Request) {
+	t := start(m, req)
+	m.next.ServeHTTP(rw, req)
+	if t != nil {
+		t.abandon()
+	}
+}
+
+// start copies a request that passed the cheap checks, unless it must not be copied (a loop,
+// an upgrade), its body is too large or every slot is taken. It takes what the copy needs now,
+// since later middlewares may change the request in place. A body of unknown length is copied
+// as the primary reads it: start then returns the teeBody, to be abandoned once the primary is
+// done.
 func start(m *mirror, req *http.Request) *teeBody {
+	// Map indexing, not Header.Get: the server canonicalizes keys, and a call costs more.
+	if req.Header[markerHeader] != nil || req.Header["Upgrade"] != nil || req.Method == http.MethodConnect {
+		atomic.AddInt64(&m.out.counts[skipped], 1)
+		return nil
+	}
 	withBody := m.cfg.mirrorBody && req.Body != nil && req.Body != http.NoBody && req.ContentLength != 0
 	if withBody && m.cfg.maxBodySize >= 0 && req.ContentLength > m.cfg.maxBodySize {
 		count(m.out, tooLarge, nil)
@@ -98,29 +116,39 @@ func start(m *mirror, req *http.Request) *teeBody {
 	switch {
 	case !withBody:
 		go send(m, c)
-
 	case req.ContentLength > 0:
-		// Known length within the limit: read it once, send the copy now, and give the
-		// primary a standard-library reader over the same bytes.
-		buf := make([]byte, req.ContentLength)
-		n, err := io.ReadFull(req.Body, buf)
-		if err != nil {
-			// The client cut the body short: the primary sees the same bytes, then the same error.
-			req.Body = io.NopCloser(io.MultiReader(bytes.NewReader(buf[:n]), req.Body))
-			<-m.slots
-			count(m.out, skipped, nil)
-			return nil
+		if readBody(m, req, c) {
+			go send(m, c)
 		}
-		req.Body = io.NopCloser(bytes.NewReader(buf))
-		c.body = buf
-		go send(m, c)
-
 	default:
-		t := &teeBody{body: req.Body, m: m, c: c}
-		req.Body = t
-		return t
+		return tee(m, req, c)
 	}
 	return nil
+}
+
+// readBody reads a body of known length within the limit, once, for the copy, and gives the
+// primary a standard-library reader over the same bytes. (The paths that start does not
+// always take live in functions of their own, so that start allocates less: see ServeHTTP.)
+func readBody(m *mirror, req *http.Request, c *copyRequest) bool {
+	buf := make([]byte, req.ContentLength)
+	n, err := io.ReadFull(req.Body, buf)
+	if err != nil {
+		// The client cut the body short: the primary sees the same bytes, then the same error.
+		req.Body = io.NopCloser(io.MultiReader(bytes.NewReader(buf[:n]), req.Body))
+		<-m.slots
+		count(m.out, skipped, nil)
+		return false
+	}
+	req.Body = io.NopCloser(bytes.NewReader(buf))
+	c.body = buf
+	return true
+}
+
+// tee copies a body of unknown length as the primary reads it.
+func tee(m *mirror, req *http.Request, c *copyRequest) *teeBody {
+	t := &teeBody{body: req.Body, m: m, c: c}
+	req.Body = t
+	return t
 }
 
 // teeBody keeps a copy of a body of unknown length while the primary reads it, and sends the

@@ -57,9 +57,16 @@ var (
 
 // count counts an outcome and, unless a log line is already due, schedules one. The request
 // path counts sampledOut and skipped with a bare atomic add instead: lines are written when
-// copies end or are dropped, and carry every count. (A function, not a method: see ServeHTTP.)
+// copies end or are dropped, and carry every count. (Plain functions, not methods, and the
+// common case kept apart from the rest: see ServeHTTP.)
 func count(o *outcomes, k outcome, err error) {
 	atomic.AddInt64(&o.counts[k], 1)
+	if err != nil || !o.pending.Load() {
+		schedule(o, err)
+	}
+}
+
+func schedule(o *outcomes, err error) {
 	if err != nil {
 		o.lastErr.Store(err.Error())
 	}

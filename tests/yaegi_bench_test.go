@@ -27,23 +27,44 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 		_, _ = io.Copy(io.Discard, r.Body)
 		rw.WriteHeader(http.StatusOK)
 	})
+	hung, err := harness.StartHung(0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer hung.Close()
+	down, err := harness.FreeAddr()
+	if err != nil {
+		b.Fatal(err)
+	}
 	cases := []struct {
 		name    string
 		method  string
 		size    int
 		percent int
+		config  map[string]any // replaces the healthy mirror's
 	}{
-		{"sampledOut", http.MethodGet, 0, 0},
-		{"GET", http.MethodGet, 0, 100},
-		{"POST_1KiB", http.MethodPost, 1 << 10, 100},
-		{"POST_64KiB", http.MethodPost, 64 << 10, 100},
-		{"POST_overLimit", http.MethodPost, 2 << 20, 100},
+		{"sampledOut", http.MethodGet, 0, 0, nil},
+		{"GET", http.MethodGet, 0, 100, nil},
+		{"POST_1KiB", http.MethodPost, 1 << 10, 100, nil},
+		{"POST_64KiB", http.MethodPost, 64 << 10, 100, nil},
+		{"POST_overLimit", http.MethodPost, 2 << 20, 100, nil},
+		// Every slot held by a copy to a mirror that never answers: the request is dropped.
+		{"POST_1KiB_dropped", http.MethodPost, 1 << 10, 100, map[string]any{"url": "http://" + hung.Addr, "maxInflight": 1, "timeout": "1h"}},
+		// The mirror refused a connection: copies pause, the request is counted as failed.
+		{"POST_1KiB_paused", http.MethodPost, 1 << 10, 100, map[string]any{"url": "http://" + down}},
 	}
 	for _, bc := range cases {
 		b.Run(bc.name, func(b *testing.B) {
-			h, err := p.handler(next, asStrings(map[string]any{"url": mirrorSrv.URL, "percent": bc.percent, "maxInflight": 1 << 20}), "bench@file")
+			config := map[string]any{"url": mirrorSrv.URL, "percent": bc.percent, "maxInflight": 1 << 20}
+			for k, v := range bc.config {
+				config[k] = v
+			}
+			h, err := p.handler(next, asStrings(config), "bench@file")
 			if err != nil {
 				b.Fatal(err)
+			}
+			if bc.config != nil { // the first copy takes the slot, or meets the refusal
+				h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(bc.method, "/", nil))
 			}
 			body := []byte(strings.Repeat("b", bc.size))
 			rw := httptest.NewRecorder()
@@ -52,12 +73,12 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				h.ServeHTTP(rw, httptest.NewRequest(bc.method, "/bench?x=1", bytes.NewReader(body)))
-				if bc.percent > 0 && bc.size <= 1<<20 {
+				if bc.config == nil && bc.percent > 0 && bc.size <= 1<<20 {
 					paceCopies(b, i+1, 64, func() int { return mirrorSrv.Count() - before })
 				}
 			}
 			b.StopTimer()
-			if bc.percent > 0 && bc.size <= 1<<20 {
+			if bc.config == nil && bc.percent > 0 && bc.size <= 1<<20 {
 				paceCopies(b, b.N, 1, func() int { return mirrorSrv.Count() - before })
 			}
 			b.ReportMetric(float64(mirrorSrv.Count()-before)/float64(b.N), "copies/op")
