@@ -362,7 +362,7 @@ func TestNotCopied(t *testing.T) {
 			r.Header.Set("Connection", "Upgrade")
 			r.Header.Set("Upgrade", "websocket")
 		}, percent: 100, expOutc: skipped},
-		{desc: "percent 0", prepare: func(*http.Request) {}, percent: 0, expOutc: sampledOut},
+		{desc: "sampled out", prepare: func(*http.Request) {}, percent: 1e-9, expOutc: sampledOut},
 	}
 	for _, test := range tests {
 		t.Run(test.desc, func(t *testing.T) {
@@ -383,6 +383,16 @@ func TestNotCopied(t *testing.T) {
 			mirrorSrv.assertNothing(t)
 		})
 	}
+}
+
+func TestPercentZeroIsOff(t *testing.T) {
+	cfg := CreateConfig()
+	cfg.URL = "http://127.0.0.1:1"
+	cfg.Percent = 0
+	next := http.NewServeMux()
+	h, err := New(context.Background(), next, cfg, "m@file")
+	require.NoError(t, err)
+	assert.Same(t, next, h, "the next handler itself: nothing runs per request")
 }
 
 func TestPercentSamples(t *testing.T) {

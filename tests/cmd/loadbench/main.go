@@ -33,7 +33,7 @@ type scenario struct {
 	name     string
 	bodySize int
 	mirror   string // healthy, slow, down, hung
-	percent  int
+	percent  float64
 	modes    []string
 }
 
@@ -43,12 +43,14 @@ var allScenarios = []scenario{
 	{"slow-500ms", 1 << 10, "slow", 100, []string{"none", "builtin", "plugin"}},
 	{"down", 1 << 10, "down", 100, []string{"none", "builtin", "plugin"}},
 	{"hung", 1 << 10, "hung", 100, []string{"none", "builtin", "plugin"}},
+	// percent 0 turns the middleware off; a tiny percent measures the sampling itself.
 	{"sampled-out", 1 << 10, "healthy", 0, []string{"none", "plugin"}},
+	{"sampled-0.01%", 1 << 10, "healthy", 0.01, []string{"none", "plugin"}},
 }
 
 func main() {
 	duration := flag.Duration("duration", 4*time.Second, "length of one measured run")
-	rounds := flag.Int("rounds", 3, "rounds of alternation (A B C A B C ...)")
+	rounds := flag.Int("rounds", 5, "rounds of alternation (A B C A B C ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
 	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, plugin (default: all)")
@@ -368,7 +370,7 @@ func pick(r *modeRun, f func(measure) float64) float64 {
 }
 
 func report(sc scenario, runs []*modeRun) {
-	fmt.Printf("\n## %s (mirror %s, %d B bodies, percent %d)\n\n", sc.name, sc.mirror, sc.bodySize, sc.percent)
+	fmt.Printf("\n## %s (mirror %s, %d B bodies, percent %v)\n\n", sc.name, sc.mirror, sc.bodySize, sc.percent)
 	fmt.Println("| mode | req/s | p50 | p99 | errors | Traefik CPU/req | peak RSS | copies/primary | bad copies | mirror conns after |")
 	fmt.Println("|---|---|---|---|---|---|---|---|---|---|")
 	vals := map[string]map[string]float64{}
@@ -390,7 +392,7 @@ func report(sc scenario, runs []*modeRun) {
 			bad = r.mirror.sink.badBody.Load()
 		}
 		copies := "-"
-		if sc.mirror == "healthy" && sc.percent > 0 && r.name != "none" {
+		if sc.mirror == "healthy" && sc.percent == 100 && r.name != "none" {
 			copies = fmt.Sprintf("%.4f", v["copies"])
 		}
 		fmt.Printf("| %s | %.0f | %v | %v | %d | %v | %.0f MiB | %s | %d | %d |\n", r.name, v["rps"],
