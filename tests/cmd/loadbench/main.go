@@ -49,8 +49,8 @@ var allScenarios = []scenario{
 }
 
 func main() {
-	duration := flag.Duration("duration", 4*time.Second, "length of one measured run")
-	rounds := flag.Int("rounds", 5, "rounds of alternation (A B C A B C ...)")
+	duration := flag.Duration("duration", 3*time.Second, "length of one measured run")
+	rounds := flag.Int("rounds", 6, "rounds of alternation (A B C A B C ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
 	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, plugin (default: all)")
@@ -249,7 +249,14 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 		load(r.traefik.WebURL, body, conns, duration/4)
 	}
 	for round := 0; round < rounds; round++ {
-		for _, r := range runs {
+		// A B C, then C B A, ...: no mode always runs first or last.
+		order := append([]*modeRun(nil), runs...)
+		if round%2 == 1 {
+			for i, j := 0, len(order)-1; i < j; i, j = i+1, j-1 {
+				order[i], order[j] = order[j], order[i]
+			}
+		}
+		for _, r := range order {
 			var profile chan error
 			if profileDir != "" && round == 0 {
 				profile = make(chan error, 1)
@@ -399,15 +406,35 @@ func report(sc scenario, runs []*modeRun) {
 			time.Duration(v["p50"]).Round(10*time.Microsecond), time.Duration(v["p99"]).Round(10*time.Microsecond),
 			errors, time.Duration(v["cpu"]).Round(time.Microsecond), float64(r.peakRSS)/(1<<20), copies, bad, r.openEnd)
 	}
-	none, plugin := vals["none"], vals["plugin"]
+	byName := map[string]*modeRun{}
+	for _, r := range runs {
+		byName[r.name] = r
+	}
+	none, plugin := byName["none"], byName["plugin"]
 	if none == nil || plugin == nil {
 		return
 	}
-	fmt.Printf("\nplugin/none: throughput %.2fx, CPU/req %.2fx, p99 %.2fx", plugin["rps"]/none["rps"], plugin["cpu"]/none["cpu"], plugin["p99"]/none["p99"])
-	if builtin, ok := vals["builtin"]; ok {
-		fmt.Printf("; plugin/builtin: throughput %.2fx, CPU/req %.2fx, p99 %.2fx", plugin["rps"]/builtin["rps"], plugin["cpu"]/builtin["cpu"], plugin["p99"]/builtin["p99"])
+	fmt.Printf("\nplugin/none: %s", ratios(plugin, none))
+	if builtin := byName["builtin"]; builtin != nil {
+		fmt.Printf("; plugin/builtin: %s", ratios(plugin, builtin))
 	}
 	fmt.Println()
+}
+
+// ratios compares two modes round by round (runs seconds apart, under the same machine load)
+// and gives the median of each ratio: steadier than the ratio of medians on a noisy machine.
+func ratios(a, b *modeRun) string {
+	ratio := func(f func(measure) float64) float64 {
+		var xs []float64
+		for i := range a.runs {
+			xs = append(xs, f(a.runs[i])/f(b.runs[i]))
+		}
+		return median(xs)
+	}
+	return fmt.Sprintf("throughput %.2fx, CPU/req %.2fx, p99 %.2fx",
+		ratio(func(m measure) float64 { return m.rps }),
+		ratio(func(m measure) float64 { return float64(m.cpuPerReq) }),
+		ratio(func(m measure) float64 { return float64(m.p99) }))
 }
 
 func traefikVersion() string {
