@@ -19,13 +19,15 @@ var benchCases = []struct {
 	name    string
 	method  string
 	size    int
-	percent float64
+	percent float64 // sampledOut: a tiny share, as percent 0 turns the middleware off
 }{
 	{"sampledOut", http.MethodGet, 0, 1e-6},
 	{"GET", http.MethodGet, 0, 100},
 	{"POST_1KiB", http.MethodPost, 1 << 10, 100},
 	{"POST_64KiB", http.MethodPost, 64 << 10, 100},
 	{"POST_overLimit", http.MethodPost, 2 << 20, 100},
+	{"POST_1KiB_dropped", http.MethodPost, 1 << 10, 100}, // every slot held
+	{"POST_1KiB_paused", http.MethodPost, 1 << 10, 100},  // the mirror refused a connection
 }
 
 // BenchmarkServeHTTP measures the whole cost of a request through the middleware, its copy to a
@@ -50,12 +52,26 @@ func BenchmarkServeHTTP(b *testing.B) {
 			cfg.URL = mirrorSrv.URL
 			cfg.Percent = bc.percent
 			cfg.MaxInflight = 1 << 20 // pacing below keeps copies in flight few; none is dropped
+			if bc.name == "POST_1KiB_dropped" {
+				cfg.MaxInflight = 1
+			}
 			h, err := New(context.Background(), next, cfg, "bench@file")
 			if err != nil {
 				b.Fatal(err)
 			}
 			m := h.(*mirror)
 			m.out.error = func(string) {}
+			var held int // no copy leaves: every slot held, or the mirror paused
+			switch bc.name {
+			case "POST_1KiB_dropped":
+				held = cap(m.slots)
+				for i := 0; i < held; i++ {
+					m.slots <- struct{}{}
+				}
+			case "POST_1KiB_paused":
+				m.paused.Store(true)
+			}
+			paced := bc.percent == 100 && bc.size <= int(cfg.MaxBodySize) && held == 0 && !m.paused.Load()
 			body := []byte(strings.Repeat("b", bc.size))
 			rw := httptest.NewRecorder()
 			before := received.Load()
@@ -64,11 +80,14 @@ func BenchmarkServeHTTP(b *testing.B) {
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				h.ServeHTTP(rw, httptest.NewRequest(bc.method, "/bench?x=1", bytes.NewReader(body)))
-				if bc.percent == 100 && bc.size <= int(cfg.MaxBodySize) {
+				if paced {
 					waitInflight(b, func() bool { return inflight(i+1) < 64 })
 				}
 			}
 			b.StopTimer()
+			for i := 0; i < held; i++ {
+				<-m.slots
+			}
 			waitInflight(b, func() bool { return len(m.slots) == 0 })
 			b.ReportMetric(float64(m.out.get(sent))/float64(b.N), "copies/op")
 		})
