@@ -263,6 +263,9 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 				go func() { profile <- r.profile(filepath.Join(profileDir, sc.name+"-"+r.name+".prof"), duration) }()
 			}
 			r.runs = append(r.runs, r.measure(body, conns, duration, sc.mirror == "healthy"))
+			if round == rounds-1 { // right after this mode's last run, whatever runs after it
+				r.openEnd = r.mirror.open()
+			}
 			if profile != nil {
 				if err := <-profile; err != nil {
 					return err
@@ -276,7 +279,6 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 			return err
 		}
 		r.peakRSS = st.PeakRSS
-		r.openEnd = r.mirror.open()
 	}
 	report(sc, runs)
 	return nil
