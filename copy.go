@@ -17,7 +17,10 @@ const dialPause = time.Second
 // maxDrain bounds how much of a mirror's answer is read so that its connection can be reused.
 const maxDrain = 64 << 10
 
-// hopHeaders are the hop-by-hop headers that removeHopHeaders takes off the copy.
+// hopHeaders are the hop-by-hop headers that net/http/httputil removes, and so the copy loses
+// them too (RFC 9110, section 7.6.1); so are the headers named in Connection. Transfer-Encoding,
+// Trailer and Upgrade need no removal: the transport never sends the first two from Header, and
+// upgrades are not copied.
 var hopHeaders = []string{"Connection", "Keep-Alive", "Te", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization"}
 
 // sharedTransport carries the copies of every instance. Package-level state survives
@@ -136,10 +139,7 @@ func newCopy(m *mirror, ctx context.Context, c *copyRequest) (*http.Request, err
 	return out, nil
 }
 
-// removeHopHeaders removes the headers named in Connection, then the hop-by-hop headers that
-// net/http/httputil removes (RFC 9110, section 7.6.1). Transfer-Encoding, Trailer and Upgrade
-// need no removal: the transport never sends the first two from Header, and upgrades are not
-// copied.
+// removeConnectionHeaders removes the headers that Connection names.
 func removeConnectionHeaders(h http.Header) {
 	for _, f := range h["Connection"] {
 		for _, name := range strings.Split(f, ",") {

@@ -188,7 +188,7 @@ func TestTraefikBodies(t *testing.T) {
 
 func TestTraefikHeaders(t *testing.T) {
 	e := startE2E(t, nil)
-	req := e.request(t, http.MethodPost, "/h/x%2Fy?a=1&b=2", strings.NewReader("hello"))
+	req := e.request(t, http.MethodPost, "/h/x%2Fy?a=1;c=3&b=2", strings.NewReader("hello"))
 	req.Host = "shop.example"
 	req.Header.Add("Accept", "text/html")
 	req.Header.Add("Accept", "application/json")
@@ -198,6 +198,7 @@ func TestTraefikHeaders(t *testing.T) {
 	req.Header.Set("Connection", "keep-alive, X-Hop")
 	req.Header.Set("X-Hop", "dropped")
 	req.Header.Set("User-Agent", "e2e/1.0")
+	req.Header.Set("Proxy-Authorization", "Basic eA==")
 	r := harness.Do(e.client, req)
 	require.NoError(t, r.Err)
 	require.Equal(t, http.StatusOK, r.Status)
@@ -210,9 +211,11 @@ func TestTraefikHeaders(t *testing.T) {
 	assert.Equal(t, e.mirror.Addr, c.Host)
 	assert.Equal(t, "/h/x%2Fy", c.Path)
 	assert.Equal(t, p.Path, c.Path)
+	assert.Equal(t, "a=1&c=3&b=2", p.RawQuery, "Traefik's entry point rewrites the semicolon")
 	assert.Equal(t, p.RawQuery, c.RawQuery)
 	assert.Equal(t, "mirror-api@file", c.Header.Get("X-Mirrored-By"))
 	assert.Empty(t, c.Header.Get("X-Hop"))
+	assert.Empty(t, c.Header.Get("Proxy-Authorization"))
 	for _, h := range []string{"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Forwarded-Server", "X-Real-Ip"} {
 		assert.NotEmpty(t, p.Header.Get(h), h)
 		assert.Equal(t, p.Header.Values(h), c.Header.Values(h), h)
