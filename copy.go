@@ -55,7 +55,7 @@ func send(m *mirror, c *copyRequest) {
 
 	// Detached from the client's request: only the mirror's own deadline cancels the copy.
 	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.timeout)
-	out, err := newCopy(m, ctx, c)
+	out, err := newCopy(ctx, m, c)
 	if err == nil {
 		var resp *http.Response
 		resp, err = sharedTransport.RoundTrip(out)
@@ -99,7 +99,7 @@ func panicked(r any) error { return fmt.Errorf("panic: %v", r) }
 // newCopy builds the copy as Traefik's proxy (net/http/httputil) builds the primary's request.
 // The request line comes as the primary gets it: Traefik's entry point has already turned the
 // query's semicolons into '&' (or %3B).
-func newCopy(m *mirror, ctx context.Context, c *copyRequest) (*http.Request, error) {
+func newCopy(ctx context.Context, m *mirror, c *copyRequest) (*http.Request, error) {
 	var body io.Reader
 	if c.body != nil {
 		body = bytes.NewReader(c.body)
