@@ -50,7 +50,7 @@ var allScenarios = []scenario{
 
 func main() {
 	duration := flag.Duration("duration", 3*time.Second, "length of one measured run")
-	rounds := flag.Int("rounds", 6, "rounds of alternation (A B C A B C ...)")
+	rounds := flag.Int("rounds", 6, "rounds of alternation (A B C, then C B A, ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
 	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, plugin (default: all)")
