@@ -284,6 +284,34 @@ func TestYaegiMirrorFailures(t *testing.T) {
 	}
 }
 
+// After a refused connection copies pause; the timer that ends the pause runs interpreted code
+// in a goroutine of its own, where a panic would kill Traefik.
+func TestYaegiPauseEnds(t *testing.T) {
+	p := loadInterpreted(t)
+	addr, err := harness.FreeAddr()
+	require.NoError(t, err)
+	s := newYaegiStack(t, p, map[string]any{"url": "http://" + addr}, "pause@file", nil)
+	get := func() bool {
+		resp, err := http.Get(s.front.URL + "/")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}
+	require.True(t, get())
+	waitLine(t, p.stderr, "mirror pause@file: failed=1")
+
+	back, err := harness.StartUpstream(addr, 100, nil)
+	require.NoError(t, err)
+	t.Cleanup(back.Close)
+	require.Eventually(t, func() bool {
+		ok := get()
+		_, got := back.Next(0)
+		return ok && got
+	}, waitLimit, 50*time.Millisecond, "copies resume once the pause is over")
+}
+
 func TestYaegiSaturationDrops(t *testing.T) {
 	p := loadInterpreted(t)
 	hung, err := harness.StartHung(0)
