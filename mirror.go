@@ -36,7 +36,7 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 	}
 	if cfg.percent == 0 {
 		// Mirroring is off: the router gets its next handler itself, at no cost per request.
-		fmt.Printf("mirror %s: percent=0, mirroring is off\n", name)
+		debugLine("mirror " + name + ": percent=0, mirroring is off")
 		return next, nil
 	}
 	m := &mirror{
