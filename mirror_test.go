@@ -389,10 +389,14 @@ func TestPercentZeroIsOff(t *testing.T) {
 	cfg := CreateConfig()
 	cfg.URL = "http://127.0.0.1:1"
 	cfg.Percent = 0
+	defer func(saved func(string)) { debugLine = saved }(debugLine)
+	var lines []string
+	debugLine = func(line string) { lines = append(lines, line) }
 	next := http.NewServeMux()
 	h, err := New(context.Background(), next, cfg, "m@file")
 	require.NoError(t, err)
 	assert.Same(t, next, h, "the next handler itself: nothing runs per request")
+	assert.Equal(t, []string{"mirror m@file: percent=0, mirroring is off"}, lines)
 }
 
 func TestPercentSamples(t *testing.T) {
