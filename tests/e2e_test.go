@@ -42,10 +42,9 @@ func startE2E(t *testing.T, d *harness.Dynamic, routers ...string) *e2e {
 	e.mirror, err = harness.StartUpstream("127.0.0.1:0", 10000, nil)
 	require.NoError(t, err)
 	t.Cleanup(e.mirror.Close)
-	web, err := harness.FreeAddr()
+	addrs, err := harness.FreeAddrs(2)
 	require.NoError(t, err)
-	api, err := harness.FreeAddr()
-	require.NoError(t, err)
+	web, api := addrs[0], addrs[1]
 	opts := harness.Options{
 		Debug: true,
 		Replace: map[string]string{
@@ -257,11 +256,12 @@ func TestTraefikMirrorFaultsDoNotReachThePrimary(t *testing.T) {
 	})
 	require.NoError(t, err)
 	t.Cleanup(resetting.Close)
-	down, err := harness.FreeAddr()
+	down, err := harness.StartRefused()
 	require.NoError(t, err)
+	t.Cleanup(down.Close)
 
 	mirrors := map[string]string{
-		"healthy": "", "down": "http://" + down, "hung": "http://" + hung.Addr,
+		"healthy": "", "down": "http://" + down.Addr, "hung": "http://" + hung.Addr,
 		"slow": slow.URL, "failing": failing.URL, "reset": resetting.URL,
 	}
 	d := exampleDynamic(t)

@@ -36,10 +36,11 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer hung.Close()
-	down, err := harness.FreeAddr()
+	down, err := harness.StartRefused()
 	if err != nil {
 		b.Fatal(err)
 	}
+	defer down.Close()
 	cases := []struct {
 		name    string
 		method  string
@@ -55,7 +56,7 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 		// Every slot held by a copy to a mirror that never answers: the request is dropped.
 		{"POST_1KiB_dropped", http.MethodPost, 1 << 10, 100, map[string]any{"url": "http://" + hung.Addr, "maxInflight": 1, "timeout": "1h"}},
 		// The mirror refused a connection: copies pause, the request is counted as failed.
-		{"POST_1KiB_paused", http.MethodPost, 1 << 10, 100, map[string]any{"url": "http://" + down}},
+		{"POST_1KiB_paused", http.MethodPost, 1 << 10, 100, map[string]any{"url": "http://" + down.Addr}},
 	}
 	for _, bc := range cases {
 		b.Run(bc.name, func(b *testing.B) {

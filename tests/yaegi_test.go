@@ -250,8 +250,9 @@ func TestYaegiMirrorFailures(t *testing.T) {
 	hung, err := harness.StartHung(0)
 	require.NoError(t, err)
 	t.Cleanup(hung.Close)
-	down, err := harness.FreeAddr()
+	down, err := harness.StartRefused()
 	require.NoError(t, err)
+	t.Cleanup(down.Close)
 
 	tests := []struct {
 		desc    string
@@ -259,7 +260,7 @@ func TestYaegiMirrorFailures(t *testing.T) {
 		answer  http.HandlerFunc
 		expLine string
 	}{
-		{desc: "down", config: map[string]any{"url": "http://" + down}, expLine: "failed=1 lastError="},
+		{desc: "down", config: map[string]any{"url": "http://" + down.Addr}, expLine: "failed=1 lastError="},
 		{desc: "hung", config: map[string]any{"url": "http://" + hung.Addr, "timeout": "100ms"}, expLine: `failed=1 lastError="context deadline exceeded"`},
 		{desc: "500", answer: func(rw http.ResponseWriter, _ *http.Request) { rw.WriteHeader(500) }, expLine: `failed=1 lastError="mirror answered 500 Internal Server Error"`},
 	}
@@ -288,9 +289,10 @@ func TestYaegiMirrorFailures(t *testing.T) {
 // in a goroutine of its own, where a panic would kill Traefik.
 func TestYaegiPauseEnds(t *testing.T) {
 	p := loadInterpreted(t)
-	addr, err := harness.FreeAddr()
+	down, err := harness.StartRefused()
 	require.NoError(t, err)
-	s := newYaegiStack(t, p, map[string]any{"url": "http://" + addr}, "pause@file", nil)
+	t.Cleanup(down.Close)
+	s := newYaegiStack(t, p, map[string]any{"url": "http://" + down.Addr}, "pause@file", nil)
 	get := func() bool {
 		resp, err := http.Get(s.front.URL + "/")
 		if err != nil {
@@ -302,7 +304,8 @@ func TestYaegiPauseEnds(t *testing.T) {
 	require.True(t, get())
 	waitLine(t, p.stderr, "mirror pause@file: failed=1")
 
-	back, err := harness.StartUpstream(addr, 100, nil)
+	down.Close() // the mirror comes back on the same address
+	back, err := harness.StartUpstream(down.Addr, 100, nil)
 	require.NoError(t, err)
 	t.Cleanup(back.Close)
 	require.Eventually(t, func() bool {

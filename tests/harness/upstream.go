@@ -5,11 +5,13 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -171,12 +173,47 @@ func (h *Hung) Close() {
 	}
 }
 
-// FreeAddr returns a loopback address with a port free right now.
-func FreeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
+// FreeAddrs returns n distinct loopback addresses with ports free right now (all held open
+// until all are found, so that none is handed out twice).
+func FreeAddrs(n int) ([]string, error) {
+	var addrs []string
+	for i := 0; i < n; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		defer l.Close()
+		addrs = append(addrs, l.Addr().String())
 	}
-	defer l.Close()
-	return l.Addr().String(), nil
+	return addrs, nil
 }
+
+// Refused is a loopback address that refuses connections: a socket bound to it and never
+// listening keeps its port from being handed to any other listener while the test runs (a
+// port merely free a moment ago can become the next upstream's).
+type Refused struct {
+	Addr  string
+	fd    int
+	close sync.Once
+}
+
+// StartRefused reserves a refusing loopback address.
+func StartRefused() (*Refused, error) {
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		_ = syscall.Close(fd)
+		return nil, err
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		_ = syscall.Close(fd)
+		return nil, err
+	}
+	return &Refused{Addr: fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port), fd: fd}, nil
+}
+
+// Close frees the address; it may be called more than once.
+func (r *Refused) Close() { r.close.Do(func() { _ = syscall.Close(r.fd) }) }

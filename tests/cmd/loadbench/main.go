@@ -161,8 +161,11 @@ func startMirror(kind string, body []byte) (*mirrorTarget, error) {
 		}
 		return &mirrorTarget{addr: h.Addr, hung: h, close: h.Close}, nil
 	default: // down
-		addr, err := harness.FreeAddr()
-		return &mirrorTarget{addr: addr, close: func() {}}, err
+		r, err := harness.StartRefused()
+		if err != nil {
+			return nil, err
+		}
+		return &mirrorTarget{addr: r.Addr, close: r.Close}, nil
 	}
 }
 
@@ -229,8 +232,11 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 		}
 		r := &modeRun{name: mode, primary: primary, mirror: mirror}
 		runs = append(runs, r)
-		web, _ := harness.FreeAddr()
-		api, _ := harness.FreeAddr()
+		addrs, err := harness.FreeAddrs(2)
+		if err != nil {
+			return err
+		}
+		web, api := addrs[0], addrs[1]
 		r.traefik, err = harness.StartTraefik(harness.Options{
 			Debug:   profileDir != "", // pprof endpoints
 			Replace: map[string]string{harness.ExampleWeb: web, harness.ExampleAPI: api},
