@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -507,10 +508,8 @@ func TestMirrorFailuresNeverReachThePrimary(t *testing.T) {
 				cfg.Timeout = "5s"
 			}
 			if test.down {
-				l, err := net.Listen("tcp", "127.0.0.1:0")
-				require.NoError(t, err)
-				cfg.URL = "http://" + l.Addr().String()
-				l.Close()
+				addr, _ := refusedAddr(t)
+				cfg.URL = "http://" + addr
 			}
 			hung := make(chan struct{})
 			var answer func(http.ResponseWriter, *http.Request)
@@ -708,10 +707,7 @@ func TestOutcomeLogIsRateLimited(t *testing.T) {
 // A mirror that refuses connections is not tried on every request: copies pause for dialPause,
 // counted as failed at once, and resume when it is back.
 func TestRefusedConnectionPausesCopies(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	addr := l.Addr().String()
-	l.Close()
+	addr, release := refusedAddr(t)
 	cfg := CreateConfig()
 	cfg.URL = "http://" + addr
 	s := newStack(t, cfg, nil)
@@ -719,8 +715,9 @@ func TestRefusedConnectionPausesCopies(t *testing.T) {
 	status, _ := s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/1", nil))
 	assert.Equal(t, http.StatusOK, status)
 	s.waitOutcome(t, failed, 1)
-	require.NotZero(t, s.m.paused.Load(), "the refused connection pauses copies")
+	require.True(t, s.m.paused.Load(), "the refused connection pauses copies")
 
+	release() // the mirror comes back on the same address
 	back := newUpstreamOn(t, addr)
 	status, _ = s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/2", nil))
 	assert.Equal(t, http.StatusOK, status)
@@ -733,6 +730,22 @@ func TestRefusedConnectionPausesCopies(t *testing.T) {
 	}, waitLimit, 50*time.Millisecond, "copies resume once the pause is over")
 	assert.Equal(t, "/3", back.next(t).path)
 	assert.Contains(t, s.stderr.String(), "connection refused")
+}
+
+// refusedAddr reserves a loopback address that refuses connections: a socket bound to it and
+// never listening keeps its port from the test's other servers (a port merely free a moment
+// ago can become the next one's). release frees it.
+func refusedAddr(t *testing.T) (addr string, release func()) {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	require.NoError(t, err)
+	var once sync.Once
+	release = func() { once.Do(func() { _ = syscall.Close(fd) }) }
+	t.Cleanup(release)
+	require.NoError(t, syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}))
+	sa, err := syscall.Getsockname(fd)
+	require.NoError(t, err)
+	return fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port), release
 }
 
 func newUpstreamOn(t *testing.T, addr string) *upstream {
