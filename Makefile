@@ -5,11 +5,13 @@ GOLANGCI_LINT_VERSION ?= v2.15.0
 
 default: lint test
 
-# The whole suite: unit tests, the plugin under Yaegi, a real Traefik end to end, and the demo.
+# The whole suite: unit tests and a short fuzz run, the plugin under Yaegi, a real Traefik end to
+# end, and the demo (on free ports).
 test: unit integration
 
 unit:
 	go test -race -count=1 ./...
+	go test -run '^$$' -fuzz FuzzCopyTarget -fuzztime 5s .
 
 integration: traefik
 	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) go test -race -count=1 -timeout 20m ./...

@@ -38,7 +38,9 @@ func CreateConfig() *Config {
 
 // settings is a validated Config, compiled once in New for the request path.
 type settings struct {
-	base        string // scheme://host[:port][/base/path], without trailing slash
+	base        string // scheme://host[:port], what the copy's URL is parsed from
+	basePath    string // the url's path, decoded and escaped, without trailing slash
+	baseRawPath string
 	host        string
 	percent     float64
 	share       float64 // percent / 100, for the request path
@@ -74,7 +76,9 @@ func compile(c *Config) (settings, error) {
 		return s, fmt.Errorf("mirror: invalid url %q: must not have a fragment", c.URL)
 	}
 	s.host = u.Host
-	s.base = u.Scheme + "://" + u.Host + strings.TrimSuffix(u.EscapedPath(), "/")
+	s.base = u.Scheme + "://" + u.Host
+	s.basePath = strings.TrimSuffix(u.Path, "/")
+	s.baseRawPath = strings.TrimSuffix(u.EscapedPath(), "/")
 
 	if math.IsNaN(c.Percent) || c.Percent < 0 || c.Percent > 100 {
 		return s, fmt.Errorf("mirror: invalid percent %v: must be between 0 and 100", c.Percent)

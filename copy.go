@@ -3,6 +3,8 @@ package mirror
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
@@ -17,11 +19,67 @@ const dialPause = time.Second
 // maxDrain bounds how much of a mirror's answer is read so that its connection can be reused.
 const maxDrain = 64 << 10
 
+// maxAnswerHeader bounds the header block of a mirror's answer (Go's default is 10 MiB): a
+// mirror that answers with more fails the copy.
+const maxAnswerHeader = 64 << 10
+
+// loopHeader lists the Traefik processes a copy went through, one random token each. A request
+// carrying this process's token is a copy of its own come back, and is never copied again; a
+// client cannot forge it, since it cannot know the token. Each copy adds its process's token to
+// the list it arrived with, kept to the last maxLoopTokens, so that a loop through several
+// replicas ends when it comes back to any of them.
+const loopHeader = "X-Mirror-Loop"
+
+const maxLoopTokens = 16
+
+// processToken identifies this Traefik process (this interpreter) on the copies it sends.
+var processToken = newToken()
+
+func newToken() string {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		panic("mirror: no randomness for the loop token: " + err.Error())
+	}
+	return hex.EncodeToString(b)
+}
+
+// isOwnCopy says whether a request is a copy sent by this process.
+func isOwnCopy(values []string) bool {
+	for _, v := range values {
+		if strings.Contains(v, processToken) {
+			return true
+		}
+	}
+	return false
+}
+
+// ownLoop is the loop header of a copy of a request that carried none (shared: header values
+// are never modified in place).
+var ownLoop = []string{processToken}
+
+// loopTokens is the loop header of a copy: the tokens it arrived with, then this process's.
+func loopTokens(values []string) []string {
+	if values == nil {
+		return ownLoop
+	}
+	tokens := strings.Split(strings.Join(values, ","), ",")
+	if len(tokens) >= maxLoopTokens {
+		tokens = tokens[len(tokens)-maxLoopTokens+1:]
+	}
+	kept := make([]string, 0, len(tokens)+1)
+	for _, tok := range tokens {
+		if tok = strings.TrimSpace(tok); tok != "" {
+			kept = append(kept, tok)
+		}
+	}
+	return []string{strings.Join(append(kept, processToken), ", ")}
+}
+
 // hopHeaders are the hop-by-hop headers that net/http/httputil removes, and so the copy loses
-// them too (RFC 9110, section 7.6.1); so are the headers named in Connection. Transfer-Encoding,
-// Trailer and Upgrade need no removal: the transport never sends the first two from Header, and
-// upgrades are not copied.
-var hopHeaders = []string{"Connection", "Keep-Alive", "Te", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization"}
+// them too (RFC 9110, section 7.6.1); so are the headers named in Connection. Transfer-Encoding
+// and Trailer need no removal: the transport never sends them from Header. Upgrade goes even
+// without "Connection: upgrade" (which is never copied), as the proxy drops it for the primary.
+var hopHeaders = []string{"Connection", "Keep-Alive", "Te", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "Upgrade"}
 
 // sharedTransport carries the copies of every instance. Package-level state survives
 // configuration reloads, so idle connections to the mirror are reused instead of reopened.
@@ -32,16 +90,20 @@ func newTransport() *http.Transport {
 	t.MaxIdleConns = 0 // no global limit; MaxIdleConnsPerHost bounds each mirror
 	t.MaxIdleConnsPerHost = 1024
 	t.DisableCompression = true // the answer is drained, never decoded
+	t.MaxResponseHeaderBytes = maxAnswerHeader
 	return t
 }
 
 // copyRequest is what the copy needs from the incoming request, and what became of it.
 type copyRequest struct {
 	method     string
-	uri        string // escaped path and query
+	path       string // as the primary gets it: decoded, escaped, and the query
+	rawPath    string
+	query      string
 	remoteAddr string
 	header     http.Header
-	body       []byte // nil: no body
+	body       []byte    // nil: no body
+	deadline   time.Time // zero: timeout from when the copy is sent
 
 	outcome outcome
 	err     error
@@ -53,12 +115,19 @@ func send(m *mirror, c *copyRequest) {
 	c.outcome = failed // what settle counts if anything below panics
 	defer settle(m, c)
 
-	// Detached from the client's request: only the mirror's own deadline cancels the copy.
-	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.timeout)
+	// Detached from the client's request: only the mirror's own deadline cancels the copy. A
+	// body copied as the primary read it started its deadline when its slot was taken.
+	var ctx context.Context
+	var cancel context.CancelFunc
+	if c.deadline.IsZero() {
+		ctx, cancel = context.WithTimeout(context.Background(), m.cfg.timeout)
+	} else {
+		ctx, cancel = context.WithDeadline(context.Background(), c.deadline)
+	}
 	out, err := newCopy(ctx, m, c)
 	if err == nil {
 		var resp *http.Response
-		resp, err = sharedTransport.RoundTrip(out)
+		resp, err = m.transport.RoundTrip(out)
 		if err == nil {
 			_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
 			_ = resp.Body.Close()
@@ -104,10 +173,15 @@ func newCopy(ctx context.Context, m *mirror, c *copyRequest) (*http.Request, err
 	if c.body != nil {
 		body = bytes.NewReader(c.body)
 	}
-	out, err := http.NewRequestWithContext(ctx, c.method, m.cfg.base+c.uri, body)
+	out, err := http.NewRequestWithContext(ctx, c.method, m.cfg.base, body)
 	if err != nil {
 		return nil, err
 	}
+	// The URL is the mirror's, parsed in New, with the request's path and query put in its
+	// fields: nothing from the request is ever parsed as a scheme, host or user info.
+	out.URL.Path = m.cfg.basePath + c.path
+	out.URL.RawPath = m.cfg.baseRawPath + c.rawPath
+	out.URL.RawQuery = c.query
 
 	// Direct map operations with canonical keys: each function call costs under Yaegi, and
 	// most requests carry none of these.
@@ -134,6 +208,7 @@ func newCopy(ctx context.Context, m *mirror, c *copyRequest) (*http.Request, err
 		h["X-Forwarded-For"] = []string{ip}
 	}
 	h[markerHeader] = m.marker
+	h[loopHeader] = loopTokens(h[loopHeader])
 	out.Header = h
 	out.Host = m.cfg.host
 	return out, nil

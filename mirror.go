@@ -9,11 +9,13 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
-// markerHeader is set on every copy; a request that carries it is never copied again.
+// markerHeader is set on every copy, with the middleware's name, for the mirror to see.
 const markerHeader = "X-Mirrored-By"
 
 type mirror struct {
@@ -22,6 +24,8 @@ type mirror struct {
 	cfg    settings
 	slots  chan struct{} // one token per copy in flight
 	out    *outcomes
+
+	transport http.RoundTripper // shared by every instance
 
 	// paused stops copies for dialPause after the mirror refused a connection: trying every
 	// request against a mirror that is down costs as much as a copy.
@@ -46,8 +50,9 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 		slots:  make(chan struct{}, cfg.maxInflight),
 		out:    newOutcomes(name),
 	}
+	m.transport = sharedTransport
 	m.out.debug(fmt.Sprintf("mirror %s: copying to %s percent=%v mirrorBody=%v maxBodySize=%d timeout=%s maxInflight=%d",
-		name, cfg.base, cfg.percent, cfg.mirrorBody, cfg.maxBodySize, cfg.timeout, cfg.maxInflight))
+		name, cfg.base+cfg.baseRawPath, cfg.percent, cfg.mirrorBody, cfg.maxBodySize, cfg.timeout, cfg.maxInflight))
 	return m, nil
 }
 
@@ -90,14 +95,23 @@ func copyAndServe(m *mirror, rw http.ResponseWriter, req *http.Request) {
 	}
 }
 
-// start copies a request that passed the cheap checks, unless it must not be copied (a loop,
-// an upgrade), its body is too large or every slot is taken. It takes what the copy needs now,
-// since later middlewares may change the request in place. A body of unknown length is copied
-// as the primary reads it: start then returns the teeBody, to be abandoned once the primary is
-// done.
+// readAhead is the largest body of known length that is read before the primary is called: what
+// a client sends in one burst. Larger bodies, and bodies whose client asked to be told to go on
+// (Expect: 100-continue), are copied as the primary reads them.
+const readAhead = 64 << 10
+
+// start copies a request that passed the cheap checks, unless it must not be copied (a target
+// that is not a plain path, an upgrade, a copy of this process's own), its body is too large or
+// every slot is taken. It takes what the copy needs now, since later middlewares may change the
+// request in place. A body that is not read ahead is copied as the primary reads it: start then
+// returns the teeBody, to be abandoned once the primary is done.
 func start(m *mirror, req *http.Request) *teeBody {
 	// Map indexing, not Header.Get: the server canonicalizes keys, and a call costs more.
-	if req.Header[markerHeader] != nil || req.Header["Upgrade"] != nil || req.Method == http.MethodConnect {
+	// A target that is not a path (an opaque "x:@host/p", "*") is never copied: only the path
+	// and query of a request are ever put on the mirror's URL.
+	if req.URL.Opaque != "" || req.URL.Path != "" && req.URL.Path[0] != '/' || req.Method == http.MethodConnect ||
+		req.Header["Connection"] != nil && isUpgrade(req.Header) ||
+		req.Header[loopHeader] != nil && isOwnCopy(req.Header[loopHeader]) {
 		atomic.AddInt64(&m.out.counts[skipped], 1)
 		return nil
 	}
@@ -106,41 +120,55 @@ func start(m *mirror, req *http.Request) *teeBody {
 		count(m.out, tooLarge, nil)
 		return nil
 	}
+	c := &copyRequest{
+		method:     req.Method,
+		path:       req.URL.Path,
+		rawPath:    req.URL.EscapedPath(),
+		query:      req.URL.RawQuery,
+		remoteAddr: req.RemoteAddr,
+		header:     req.Header.Clone(),
+	}
+	if withBody && req.ContentLength > 0 && req.ContentLength <= readAhead && req.Header["Expect"] == nil {
+		// Read before a slot is taken: a client that drips its body holds no slot meanwhile.
+		if !readBody(m, req, c) {
+			return nil
+		}
+	}
 	select {
 	case m.slots <- struct{}{}: // owned by the copy from here on
 	default:
 		count(m.out, dropped, nil)
 		return nil
 	}
-	c := &copyRequest{
-		method:     req.Method,
-		uri:        req.URL.RequestURI(),
-		remoteAddr: req.RemoteAddr,
-		header:     req.Header.Clone(),
-	}
-	switch {
-	case !withBody:
-		go send(m, c)
-	case req.ContentLength > 0:
-		if readBody(m, req, c) {
-			go send(m, c)
-		}
-	default:
+	if withBody && c.body == nil {
 		return tee(m, req, c)
 	}
+	go send(m, c)
 	return nil
 }
 
-// readBody reads a body of known length within the limit, once, for the copy, and gives the
-// primary a standard-library reader over the same bytes. (The paths that start does not
-// always take live in functions of their own, so that start allocates less: see ServeHTTP.)
+// isUpgrade says whether Connection carries the upgrade token, as Go's reverse proxy decides.
+func isUpgrade(h http.Header) bool {
+	for _, v := range h["Connection"] {
+		for _, token := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(token), "upgrade") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// readBody reads a small body of known length, once, for the copy, and gives the primary a
+// standard-library reader over the same bytes. Memory follows the bytes that arrive: the buffer
+// is at most readAhead. (The paths that start does not always take live in functions of their
+// own, so that start allocates less: see ServeHTTP.)
 func readBody(m *mirror, req *http.Request, c *copyRequest) bool {
 	buf := make([]byte, req.ContentLength)
 	n, err := io.ReadFull(req.Body, buf)
 	if err != nil {
-		// The client cut the body short: the primary sees the same bytes, then the same error.
+		// The client cut the body short: the primary gets the bytes that came, then the error.
 		req.Body = io.NopCloser(io.MultiReader(bytes.NewReader(buf[:n]), req.Body))
-		<-m.slots
 		count(m.out, skipped, nil)
 		return false
 	}
@@ -149,22 +177,28 @@ func readBody(m *mirror, req *http.Request, c *copyRequest) bool {
 	return true
 }
 
-// tee copies a body of unknown length as the primary reads it.
+// tee copies a body as the primary reads it. The copy's deadline starts now: a body that is not
+// complete by then is abandoned, so that no client holds a slot longer than timeout.
 func tee(m *mirror, req *http.Request, c *copyRequest) *teeBody {
 	t := &teeBody{body: req.Body, m: m, c: c}
+	c.deadline = time.Now().Add(m.cfg.timeout)
+	t.mu.Lock()
+	t.timer = time.AfterFunc(m.cfg.timeout, t.expire)
+	t.mu.Unlock()
 	req.Body = t
 	return t
 }
 
-// teeBody keeps a copy of a body of unknown length while the primary reads it, and sends the
-// mirror copy when the primary has read it all.
+// teeBody keeps a copy of a body while the primary reads it, and sends the mirror copy when the
+// primary has read it all.
 type teeBody struct {
 	body io.ReadCloser
 	m    *mirror
 	c    *copyRequest
 
-	mu   sync.Mutex // the proxy may read the body from another goroutine
-	done bool
+	mu    sync.Mutex // the proxy may read the body from another goroutine
+	done  bool
+	timer *time.Timer
 }
 
 func (t *teeBody) Read(p []byte) (int, error) {
@@ -192,6 +226,7 @@ func (t *teeBody) observe(b []byte, err error) {
 	switch {
 	case err == io.EOF:
 		t.done = true
+		t.timer.Stop()
 		go send(t.m, t.c)
 	case err != nil:
 		t.finish(skipped)
@@ -207,8 +242,15 @@ func (t *teeBody) abandon() {
 	}
 }
 
+// expire runs in a timer's goroutine when the body was not complete within timeout.
+func (t *teeBody) expire() {
+	defer func() { _ = recover() }() // a panic here would kill Traefik
+	t.abandon()
+}
+
 func (t *teeBody) finish(o outcome) {
 	t.done = true
+	t.timer.Stop()
 	t.c.body = nil
 	<-t.m.slots
 	count(t.m.out, o, nil)

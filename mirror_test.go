@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -12,17 +13,61 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/stretchr/testify/assert"
-	"github.com/stretchr/testify/require"
 )
 
 const waitLimit = 10 * time.Second
+
+// poll calls cond every interval until it holds or waitLimit has passed, and says whether it
+// held.
+func poll(interval time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(waitLimit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(interval)
+	}
+	return true
+}
+
+// eventually waits until cond holds, checking every millisecond, and fails the test with msg
+// if it does not within waitLimit. args are evaluated when eventually is called.
+func eventually(t *testing.T, cond func() bool, msg string, args ...any) {
+	t.Helper()
+	if !poll(time.Millisecond, cond) {
+		t.Fatalf("after %s: "+msg, append([]any{waitLimit}, args...)...)
+	}
+}
+
+// noError stops the test on an unexpected error.
+func noError(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatalf("got error %v, want none", err)
+	}
+}
+
+// equal reports got != want; what names the value.
+func equal[T comparable](t *testing.T, got, want T, what string) {
+	t.Helper()
+	if got != want {
+		t.Errorf("%s: got %#v, want %#v", what, got, want)
+	}
+}
+
+// contains reports a string s that does not contain sub.
+func contains(t *testing.T, s, sub string) {
+	t.Helper()
+	if !strings.Contains(s, sub) {
+		t.Errorf("got %q, want it to contain %q", s, sub)
+	}
+}
 
 // received is one request as an upstream saw it.
 type received struct {
@@ -98,9 +143,9 @@ func newStack(t *testing.T, cfg *Config, mirrorAnswer func(http.ResponseWriter, 
 		cfg.URL = s.mirror.URL
 	}
 	pu, err := url.Parse(s.primary.URL)
-	require.NoError(t, err)
+	noError(t, err)
 	h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, "mirror-test@file")
-	require.NoError(t, err)
+	noError(t, err)
 	s.m = h.(*mirror)
 	s.m.out.error = func(line string) { _, _ = s.stderr.Write([]byte(line + "\n")) }
 	s.m.out.debug = func(string) {}
@@ -113,19 +158,20 @@ func newStack(t *testing.T, cfg *Config, mirrorAnswer func(http.ResponseWriter, 
 func (s *stack) do(t *testing.T, req *http.Request) (int, []byte) {
 	t.Helper()
 	resp, err := s.front.Client().Do(req)
-	require.NoError(t, err)
+	noError(t, err)
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
+	noError(t, err)
 	return resp.StatusCode, body
 }
 
 // waitOutcome waits until outcome k has been counted n times.
 func (s *stack) waitOutcome(t *testing.T, k outcome, n int64) {
 	t.Helper()
-	require.Eventually(t, func() bool { return s.m.out.get(k) >= n }, waitLimit, time.Millisecond,
-		"%s: got %d, want %d", outcomeNames[k], s.m.out.get(k), n)
-	assert.Equal(t, n, s.m.out.get(k), outcomeNames[k])
+	if !poll(time.Millisecond, func() bool { return s.m.out.get(k) >= n }) {
+		t.Fatalf("%s after %s: got %d, want %d", outcomeNames[k], waitLimit, s.m.out.get(k), n)
+	}
+	equal(t, s.m.out.get(k), n, outcomeNames[k])
 }
 
 func (s *stack) inflight() int { return len(s.m.slots) }
@@ -150,7 +196,7 @@ func (b *syncBuffer) String() string {
 func newRequest(t *testing.T, method, url string, body io.Reader) *http.Request {
 	t.Helper()
 	req, err := http.NewRequest(method, url, body)
-	require.NoError(t, err)
+	noError(t, err)
 	return req
 }
 
@@ -166,7 +212,7 @@ func randomBytes(t *testing.T, n int) []byte {
 	t.Helper()
 	b := make([]byte, n)
 	_, err := rand.Read(b)
-	require.NoError(t, err)
+	noError(t, err)
 	return b
 }
 
@@ -176,7 +222,7 @@ type chunked struct{ r io.Reader }
 func (c chunked) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 func TestCreateConfigDefaults(t *testing.T) {
-	assert.Equal(t, &Config{Percent: 100, MirrorBody: true, MaxBodySize: 1 << 20, Timeout: "5s", MaxInflight: 100}, CreateConfig())
+	equal(t, *CreateConfig(), Config{Percent: 100, MirrorBody: true, MaxBodySize: 1 << 20, Timeout: "5s", MaxInflight: 100}, "CreateConfig()")
 }
 
 func TestNewRejectsBadConfiguration(t *testing.T) {
@@ -210,9 +256,13 @@ func TestNewRejectsBadConfiguration(t *testing.T) {
 			cfg.URL = "http://127.0.0.1:1"
 			test.change(cfg)
 			h, err := New(context.Background(), http.NotFoundHandler(), cfg, "m@file")
-			require.Error(t, err)
-			assert.Nil(t, h)
-			assert.Contains(t, err.Error(), "mirror: "+test.expErr)
+			if err == nil {
+				t.Fatalf("got no error, want %q", "mirror: "+test.expErr)
+			}
+			if h != nil {
+				t.Errorf("got handler %v, want nil", h)
+			}
+			contains(t, err.Error(), "mirror: "+test.expErr)
 		})
 	}
 }
@@ -224,7 +274,9 @@ func TestNewAcceptsGoodConfiguration(t *testing.T) {
 		cfg.MaxBodySize = -1
 		cfg.Percent = 0
 		_, err := New(context.Background(), http.NotFoundHandler(), cfg, "m@file")
-		assert.NoError(t, err, u)
+		if err != nil {
+			t.Errorf("%s: got error %v, want none", u, err)
+		}
 	}
 }
 
@@ -273,16 +325,18 @@ func TestBodies(t *testing.T) {
 				}
 			}
 			req, err := http.NewRequest(test.method, s.front.URL+"/upload?x=1", body)
-			require.NoError(t, err)
+			noError(t, err)
 			status, _ := s.do(t, req)
-			assert.Equal(t, http.StatusOK, status)
+			equal(t, status, http.StatusOK, "status")
 
 			p := s.primary.next(t)
-			require.NoError(t, p.bodyErr)
-			assert.Equal(t, len(test.body), len(p.body), "primary body length")
-			assert.True(t, bytes.Equal(test.body, p.body) || len(test.body) == 0 && len(p.body) == 0, "primary body differs")
+			noError(t, p.bodyErr)
+			equal(t, len(p.body), len(test.body), "primary body length")
+			if !bytes.Equal(test.body, p.body) { // nil and empty are equal
+				t.Errorf("primary body differs")
+			}
 			if test.chunked && len(test.body) > 0 {
-				assert.Equal(t, int64(-1), p.contentLength, "primary should still get a chunked body")
+				equal(t, p.contentLength, -1, "primary ContentLength (it should still get a chunked body)")
 			}
 
 			s.waitOutcome(t, test.expOutc, 1)
@@ -291,16 +345,18 @@ func TestBodies(t *testing.T) {
 				return
 			}
 			c := s.mirror.next(t)
-			assert.Equal(t, test.method, c.method)
-			assert.Equal(t, "/upload", c.path)
+			equal(t, c.method, test.method, "copy method")
+			equal(t, c.path, "/upload", "copy path")
 			if test.noMirror {
-				assert.Empty(t, c.body)
-				assert.Equal(t, int64(0), c.contentLength)
+				equal(t, len(c.body), 0, "copy body length")
+				equal(t, c.contentLength, 0, "copy ContentLength")
 			} else {
-				assert.Equal(t, len(test.body), len(c.body), "copy body length")
-				assert.True(t, bytes.Equal(test.body, c.body) || len(test.body) == 0 && len(c.body) == 0, "copy body differs")
+				equal(t, len(c.body), len(test.body), "copy body length")
+				if !bytes.Equal(test.body, c.body) { // nil and empty are equal
+					t.Errorf("copy body differs")
+				}
 			}
-			require.Eventually(t, func() bool { return s.inflight() == 0 }, waitLimit, time.Millisecond)
+			eventually(t, func() bool { return s.inflight() == 0 }, "copies still in flight")
 		})
 	}
 }
@@ -313,7 +369,7 @@ func TestCopyHeadersAndURL(t *testing.T) {
 	s.mirror = mirrorSrv
 
 	req, err := http.NewRequest(http.MethodPost, s.front.URL+"/api/a%2Fb/items?q=1;r=2&q=3", strings.NewReader(`{"a":1}`))
-	require.NoError(t, err)
+	noError(t, err)
 	req.Host = "shop.example"
 	req.Header.Add("Accept", "text/plain")
 	req.Header.Add("Accept", "application/json")
@@ -326,29 +382,33 @@ func TestCopyHeadersAndURL(t *testing.T) {
 	req.Header.Set("Te", "trailers")
 	req.Header.Set("User-Agent", "")
 	status, _ := s.do(t, req)
-	assert.Equal(t, http.StatusOK, status)
+	equal(t, status, http.StatusOK, "status")
 
 	p := s.primary.next(t)
 	c := s.mirror.next(t)
-	assert.Equal(t, "/shadow/api/a%2Fb/items", c.path)
-	assert.Equal(t, p.rawQuery, c.rawQuery, "the query as the primary gets it")
-	assert.Equal(t, strings.TrimPrefix(mirrorSrv.URL, "http://"), c.host)
-	assert.Equal(t, "mirror-test@file", c.header.Get(markerHeader))
-	assert.Equal(t, []string{"text/plain", "application/json"}, c.header.Values("Accept"))
-	assert.Equal(t, "Bearer t", c.header.Get("Authorization"))
-	assert.Equal(t, `{"a":1}`, string(c.body))
+	equal(t, c.path, "/shadow/api/a%2Fb/items", "copy path")
+	equal(t, c.rawQuery, p.rawQuery, "copy query (the query as the primary gets it)")
+	equal(t, c.host, strings.TrimPrefix(mirrorSrv.URL, "http://"), "copy Host")
+	equal(t, c.header.Get(markerHeader), "mirror-test@file", "copy "+markerHeader)
+	if got, want := c.header.Values("Accept"), []string{"text/plain", "application/json"}; !slices.Equal(got, want) {
+		t.Errorf("copy Accept: got %q, want %q", got, want)
+	}
+	equal(t, c.header.Get("Authorization"), "Bearer t", "copy Authorization")
+	equal(t, string(c.body), `{"a":1}`, "copy body")
 	for _, h := range []string{"X-Hop", "Proxy-Authorization", "Te", "Connection", "User-Agent"} {
-		assert.Empty(t, c.header.Values(h), h)
+		if v := c.header.Values(h); len(v) != 0 {
+			t.Errorf("copy %s: got %q, want none", h, v)
+		}
 	}
 	// Same X-Forwarded-For as the primary got from the reverse proxy.
-	assert.Equal(t, p.header.Get("X-Forwarded-For"), c.header.Get("X-Forwarded-For"))
-	assert.Equal(t, "203.0.113.9, 127.0.0.1", c.header.Get("X-Forwarded-For"))
+	equal(t, c.header.Get("X-Forwarded-For"), p.header.Get("X-Forwarded-For"), "copy X-Forwarded-For, against the primary's")
+	equal(t, c.header.Get("X-Forwarded-For"), "203.0.113.9, 127.0.0.1", "copy X-Forwarded-For")
 	// The primary sees the request unchanged.
-	assert.Equal(t, "shop.example", p.host)
-	assert.Empty(t, p.header.Get(markerHeader))
+	equal(t, p.host, "shop.example", "primary Host")
+	equal(t, p.header.Get(markerHeader), "", "primary "+markerHeader)
 	// Like the primary's proxy, only the standard Proxy-* headers are hop-by-hop.
-	assert.Equal(t, "1", p.header.Get("Proxy-Foo"))
-	assert.Equal(t, "1", c.header.Get("Proxy-Foo"))
+	equal(t, p.header.Get("Proxy-Foo"), "1", "primary Proxy-Foo")
+	equal(t, c.header.Get("Proxy-Foo"), "1", "copy Proxy-Foo")
 }
 
 func TestNotCopied(t *testing.T) {
@@ -357,8 +417,12 @@ func TestNotCopied(t *testing.T) {
 		prepare func(*http.Request)
 		percent float64
 		expOutc outcome
+		expCopy bool
 	}{
-		{desc: "loop marker", prepare: func(r *http.Request) { r.Header.Set(markerHeader, "other@file") }, percent: 100, expOutc: skipped},
+		// A client cannot stop its request being copied by sending the marker: only the loop
+		// header with this process's token marks a copy of its own.
+		{desc: "client X-Mirrored-By is copied", prepare: func(r *http.Request) { r.Header.Set(markerHeader, "other@file") }, percent: 100, expOutc: sent, expCopy: true},
+		{desc: "own copy come back", prepare: func(r *http.Request) { r.Header.Set(loopHeader, "abc, "+processToken) }, percent: 100, expOutc: skipped},
 		{desc: "websocket upgrade", prepare: func(r *http.Request) {
 			r.Header.Set("Connection", "Upgrade")
 			r.Header.Set("Upgrade", "websocket")
@@ -374,13 +438,24 @@ func TestNotCopied(t *testing.T) {
 			cfg.Percent = test.percent
 			var seen *http.Request
 			h, err := New(context.Background(), http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) { seen = r }), cfg, "m@file")
-			require.NoError(t, err)
+			noError(t, err)
 			req := httptest.NewRequest(http.MethodGet, "/ws", nil)
 			test.prepare(req)
 			h.ServeHTTP(httptest.NewRecorder(), req)
-			assert.Same(t, req, seen, "the request goes on unchanged")
-			assert.Equal(t, int64(1), h.(*mirror).out.get(test.expOutc))
-			assert.Equal(t, 0, len(h.(*mirror).slots))
+			if seen != req {
+				t.Errorf("the request goes on unchanged: next got %p, want %p", seen, req)
+			}
+			m := h.(*mirror)
+			if test.expCopy {
+				c := mirrorSrv.next(t)
+				equal(t, c.header.Get(markerHeader), "m@file", "copy "+markerHeader)
+				if seen != nil {
+					equal(t, seen.Header.Get(markerHeader), "other@file", "next's "+markerHeader)
+				}
+				eventually(t, func() bool { return m.out.get(test.expOutc) >= 1 }, "%s not counted", outcomeNames[test.expOutc])
+			}
+			equal(t, m.out.get(test.expOutc), 1, outcomeNames[test.expOutc])
+			equal(t, len(m.slots), 0, "copies in flight")
 			mirrorSrv.assertNothing(t)
 		})
 	}
@@ -395,9 +470,13 @@ func TestPercentZeroIsOff(t *testing.T) {
 	debugLine = func(line string) { lines = append(lines, line) }
 	next := http.NewServeMux()
 	h, err := New(context.Background(), next, cfg, "m@file")
-	require.NoError(t, err)
-	assert.Same(t, next, h, "the next handler itself: nothing runs per request")
-	assert.Equal(t, []string{"mirror m@file: percent=0, mirroring is off"}, lines)
+	noError(t, err)
+	if h != next {
+		t.Errorf("got handler %p, want the next handler itself (%p): nothing runs per request", h, next)
+	}
+	if want := []string{"mirror m@file: percent=0, mirroring is off"}; !slices.Equal(lines, want) {
+		t.Errorf("debug lines: got %q, want %q", lines, want)
+	}
 }
 
 func TestPercentSamples(t *testing.T) {
@@ -407,16 +486,18 @@ func TestPercentSamples(t *testing.T) {
 	cfg.Percent = 30
 	cfg.MaxInflight = 4096
 	h, err := New(context.Background(), http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}), cfg, "m@file")
-	require.NoError(t, err)
+	noError(t, err)
 	m := h.(*mirror)
 	const n = 2000
 	for i := 0; i < n; i++ {
 		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "/", nil))
 	}
-	require.Eventually(t, func() bool { return m.out.get(sent)+m.out.get(sampledOut) == n }, waitLimit, time.Millisecond)
+	eventually(t, func() bool { return m.out.get(sent)+m.out.get(sampledOut) == n }, "sent+sampledOut is not %d", n)
 	// Binomial(2000, 0.3): mean 600, standard deviation 20.5; allow 5 deviations.
-	assert.InDelta(t, 600, m.out.get(sent), 103)
-	assert.Equal(t, int64(0), m.out.get(failed)+m.out.get(dropped))
+	if got := m.out.get(sent); got < 600-103 || got > 600+103 {
+		t.Errorf("sent: got %d, want 600 ± 103", got)
+	}
+	equal(t, m.out.get(failed)+m.out.get(dropped), 0, "failed+dropped")
 }
 
 // The copy goes out with the primary, not after it: the primary answers only once the mirror
@@ -439,13 +520,13 @@ func TestCopyLeavesBeforePrimaryAnswers(t *testing.T) {
 		cfg.URL = mirrorSrv.URL
 		pu, _ := url.Parse(primary.URL)
 		h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, "m@file")
-		require.NoError(t, err)
+		noError(t, err)
 		front := httptest.NewServer(h)
 		t.Cleanup(front.Close)
 		resp, err := http.Post(front.URL, "text/plain", strings.NewReader(body))
-		require.NoError(t, err)
+		noError(t, err)
 		resp.Body.Close()
-		assert.Equal(t, http.StatusOK, resp.StatusCode, "body %q", body)
+		equal(t, resp.StatusCode, http.StatusOK, fmt.Sprintf("status, body %q", body))
 	}
 }
 
@@ -457,12 +538,12 @@ func TestCopyOutlivesClientRequest(t *testing.T) {
 		rw.WriteHeader(http.StatusAccepted)
 	})
 	status, _ := s.do(t, newRequest(t, http.MethodPost, s.front.URL+"/x", strings.NewReader("abc")))
-	assert.Equal(t, http.StatusOK, status)
+	equal(t, status, http.StatusOK, "status")
 	s.mirror.next(t)
 	s.front.CloseClientConnections()
 	close(release)
 	s.waitOutcome(t, sent, 1)
-	assert.Equal(t, int64(0), s.m.out.get(failed))
+	equal(t, s.m.out.get(failed), 0, "failed")
 }
 
 func TestMirrorFailuresNeverReachThePrimary(t *testing.T) {
@@ -522,21 +603,25 @@ func TestMirrorFailuresNeverReachThePrimary(t *testing.T) {
 			for i := 0; i < n; i++ {
 				body := randomBytes(t, 1000*i)
 				status, got := s.do(t, newRequest(t, http.MethodPost, s.front.URL+"/p", bytes.NewReader(body)))
-				assert.Equal(t, http.StatusOK, status)
-				assert.Empty(t, got)
+				equal(t, status, http.StatusOK, "status")
+				if len(got) != 0 {
+					t.Errorf("answer body: got %q, want none", got)
+				}
 				p := s.primary.next(t)
-				assert.True(t, bytes.Equal(body, p.body), "primary body")
+				if !bytes.Equal(body, p.body) {
+					t.Errorf("primary body differs: got %d bytes, want %d", len(p.body), len(body))
+				}
 			}
 			if test.expErr == "" {
 				s.waitOutcome(t, sent, n)
-				require.Eventually(t, func() bool { return s.inflight() == 0 }, waitLimit, time.Millisecond)
+				eventually(t, func() bool { return s.inflight() == 0 }, "copies still in flight")
 				return
 			}
 			s.waitOutcome(t, failed, n)
-			require.Eventually(t, func() bool { return strings.Contains(s.stderr.String(), "failed=") }, waitLimit, time.Millisecond)
-			assert.Contains(t, s.stderr.String(), "mirror mirror-test@file: ")
-			assert.Contains(t, s.stderr.String(), test.expErr)
-			require.Eventually(t, func() bool { return s.inflight() == 0 }, waitLimit, time.Millisecond)
+			eventually(t, func() bool { return strings.Contains(s.stderr.String(), "failed=") }, "no failed= line on stderr")
+			contains(t, s.stderr.String(), "mirror mirror-test@file: ")
+			contains(t, s.stderr.String(), test.expErr)
+			eventually(t, func() bool { return s.inflight() == 0 }, "copies still in flight")
 		})
 	}
 }
@@ -549,14 +634,14 @@ func TestSaturationDropsAndNeverBlocks(t *testing.T) {
 	const n = 20
 	for i := 0; i < n; i++ {
 		status, _ := s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/", nil))
-		assert.Equal(t, http.StatusOK, status)
+		equal(t, status, http.StatusOK, "status")
 	}
 	s.waitOutcome(t, dropped, n-2)
-	assert.Equal(t, 2, s.inflight())
-	require.Eventually(t, func() bool { return strings.Contains(s.stderr.String(), "dropped=") }, waitLimit, time.Millisecond)
+	equal(t, s.inflight(), 2, "copies in flight")
+	eventually(t, func() bool { return strings.Contains(s.stderr.String(), "dropped=") }, "no dropped= line on stderr")
 	close(release)
 	s.waitOutcome(t, sent, 2)
-	require.Eventually(t, func() bool { return s.inflight() == 0 }, waitLimit, time.Millisecond)
+	eventually(t, func() bool { return s.inflight() == 0 }, "copies still in flight")
 }
 
 // A client that streams its body and waits for the primary's answer before sending the rest
@@ -581,13 +666,13 @@ func TestStreamingRequestBody(t *testing.T) {
 	cfg.URL = mirrorSrv.URL
 	pu, _ := url.Parse(primary.URL)
 	h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, "m@file")
-	require.NoError(t, err)
+	noError(t, err)
 	front := httptest.NewServer(fullDuplex(h))
 	t.Cleanup(front.Close)
 
 	pr, pw := io.Pipe()
 	req, err := http.NewRequest(http.MethodPost, front.URL+"/stream", pr)
-	require.NoError(t, err)
+	noError(t, err)
 	done := make(chan *http.Response, 1)
 	go func() {
 		resp, err := http.DefaultClient.Do(req) //nolint:bodyclose // closed by the test once read
@@ -599,28 +684,30 @@ func TestStreamingRequestBody(t *testing.T) {
 		done <- resp
 	}()
 	_, err = io.WriteString(pw, "hello\n")
-	require.NoError(t, err)
+	noError(t, err)
 	var resp *http.Response
 	select {
 	case resp = <-done:
 	case <-time.After(waitLimit):
 		t.Fatal("the primary's answer did not come before the body ended")
 	}
-	require.NotNil(t, resp)
+	if resp == nil {
+		t.Fatal("got no answer, want the primary's (the request failed)")
+	}
 	defer resp.Body.Close()
 	ack := make([]byte, len("ack hello\n"))
 	_, err = io.ReadFull(resp.Body, ack)
-	require.NoError(t, err)
-	assert.Equal(t, "ack hello\n", string(ack))
+	noError(t, err)
+	equal(t, string(ack), "ack hello\n", "first part of the answer")
 	_, err = io.WriteString(pw, "world")
-	require.NoError(t, err)
-	require.NoError(t, pw.Close())
+	noError(t, err)
+	noError(t, pw.Close())
 	rest, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	assert.Equal(t, "world", string(rest))
+	noError(t, err)
+	equal(t, string(rest), "world", "rest of the answer")
 
 	c := mirrorSrv.next(t)
-	assert.Equal(t, "hello\nworld", string(c.body))
+	equal(t, string(c.body), "hello\nworld", "copy body")
 }
 
 // cutBody gives part of a body, then fails as a client that went away.
@@ -646,16 +733,18 @@ func TestBodyCutShort(t *testing.T) {
 			h, err := New(context.Background(), http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
 				got, gotErr = io.ReadAll(r.Body)
 			}), cfg, "m@file")
-			require.NoError(t, err)
+			noError(t, err)
 			req := httptest.NewRequest(http.MethodPost, "/", nil)
 			req.Body = &cutBody{strings.NewReader(strings.Repeat("a", 50))}
 			req.ContentLength = length
 			h.ServeHTTP(httptest.NewRecorder(), req)
-			assert.Equal(t, strings.Repeat("a", 50), string(got))
-			assert.ErrorIs(t, gotErr, io.ErrUnexpectedEOF)
+			equal(t, string(got), strings.Repeat("a", 50), "body the primary read")
+			if !errors.Is(gotErr, io.ErrUnexpectedEOF) {
+				t.Errorf("primary's read error: got %v, want %v", gotErr, io.ErrUnexpectedEOF)
+			}
 			m := h.(*mirror)
-			assert.Equal(t, int64(1), m.out.get(skipped))
-			assert.Equal(t, 0, len(m.slots))
+			equal(t, m.out.get(skipped), 1, "skipped")
+			equal(t, len(m.slots), 0, "copies in flight")
 			mirrorSrv.assertNothing(t)
 		})
 	}
@@ -670,13 +759,13 @@ func TestUnreadChunkedBodyReleasesSlot(t *testing.T) {
 	h, err := New(context.Background(), http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
 		rw.WriteHeader(http.StatusForbidden)
 	}), cfg, "m@file")
-	require.NoError(t, err)
+	noError(t, err)
 	req := httptest.NewRequest(http.MethodPost, "/", chunked{strings.NewReader("data")})
 	req.ContentLength = -1
 	h.ServeHTTP(httptest.NewRecorder(), req)
 	m := h.(*mirror)
-	assert.Equal(t, int64(1), m.out.get(skipped))
-	assert.Equal(t, 0, len(m.slots))
+	equal(t, m.out.get(skipped), 1, "skipped")
+	equal(t, len(m.slots), 0, "copies in flight")
 }
 
 func TestOutcomeLogIsRateLimited(t *testing.T) {
@@ -685,23 +774,163 @@ func TestOutcomeLogIsRateLimited(t *testing.T) {
 	o.debug = func(line string) { _, _ = stdout.Write([]byte(line + "\n")) }
 	o.error = func(line string) { _, _ = stderr.Write([]byte(line + "\n")) }
 	count(o, failed, fmt.Errorf("first"))
-	assert.Equal(t, "mirror api@file: failed=1 lastError=\"first\"\n", stderr.String())
+	equal(t, stderr.String(), "mirror api@file: failed=1 lastError=\"first\"\n", "stderr")
 	for i := 0; i < 4; i++ {
 		count(o, failed, fmt.Errorf("boom %d", i))
 		count(o, sent, nil)
 	}
 	count(o, dropped, nil)
-	assert.Equal(t, 1, strings.Count(stderr.String(), "\n"), "no second line within the interval")
+	equal(t, strings.Count(stderr.String(), "\n"), 1, "stderr lines (no second line within the interval)")
 	// The pending line is written when the interval ends; bring that forward.
 	o.flush()
-	assert.Equal(t, "mirror api@file: failed=1 lastError=\"first\"\nmirror api@file: sent=4 failed=4 dropped=1 lastError=\"boom 3\"\n", stderr.String())
+	equal(t, stderr.String(), "mirror api@file: failed=1 lastError=\"first\"\nmirror api@file: sent=4 failed=4 dropped=1 lastError=\"boom 3\"\n", "stderr")
 	o.flush()
-	assert.Equal(t, 2, strings.Count(stderr.String(), "\n"), "nothing new, no line")
+	equal(t, strings.Count(stderr.String(), "\n"), 2, "stderr lines (nothing new, no line)")
 
 	o.nextLine.Store(0)
 	o.pending.Store(false)
 	count(o, sent, nil)
-	assert.Equal(t, "mirror api@file: sent=1\n", stdout.String(), "successes go to DEBUG")
+	equal(t, stdout.String(), "mirror api@file: sent=1\n", "stdout (successes go to DEBUG)")
+
+	// A line carries the last error of its own interval, never an older one.
+	o.nextLine.Store(0)
+	o.pending.Store(false)
+	count(o, dropped, nil)
+	equal(t, stderr.String()[strings.LastIndex(stderr.String()[:len(stderr.String())-1], "\n")+1:],
+		"mirror api@file: dropped=1\n", "the line after an interval without errors")
+}
+
+// ERROR lines carry Traefik's timestamp only, not the log package's too.
+func TestErrorLineHasNoTimestamp(t *testing.T) {
+	defer func(saved io.Writer) { errorOut = saved }(errorOut)
+	var buf syncBuffer
+	errorOut = &buf
+	errorLine("mirror api@file: failed=1")
+	equal(t, buf.String(), "mirror api@file: failed=1\n", "the line written")
+}
+
+// pipeRequest is a request whose body the test writes, of the given length (-1: unknown).
+func pipeRequest(length int64, header http.Header) (*http.Request, *io.PipeWriter) {
+	pr, pw := io.Pipe()
+	req := httptest.NewRequest(http.MethodPost, "/upload", nil)
+	req.Body = pr
+	req.ContentLength = length
+	for k, v := range header {
+		req.Header[k] = v
+	}
+	return req, pw
+}
+
+// Only a small body of known length is read before the primary is called; a larger one, and one
+// whose client waits for "100 Continue", are copied as the primary reads them.
+func TestBodyNotReadAhead(t *testing.T) {
+	tests := []struct {
+		desc   string
+		size   int
+		header http.Header
+	}{
+		{desc: "over 64 KiB", size: readAhead + 1},
+		{desc: "1 MiB", size: 1 << 20},
+		{desc: "Expect: 100-continue", size: 100, header: http.Header{"Expect": {"100-continue"}}},
+	}
+	for _, test := range tests {
+		t.Run(test.desc, func(t *testing.T) {
+			t.Parallel()
+			mirrorSrv := newUpstream(t, nil)
+			cfg := CreateConfig()
+			cfg.URL = mirrorSrv.URL
+			entered := make(chan struct{})
+			var got []byte
+			h, err := New(context.Background(), http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
+				close(entered)
+				got, _ = io.ReadAll(r.Body)
+			}), cfg, "m@file")
+			noError(t, err)
+			body := randomBytes(t, test.size)
+			req, pw := pipeRequest(int64(test.size), test.header)
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				h.ServeHTTP(httptest.NewRecorder(), req)
+			}()
+			select {
+			case <-entered: // before a byte of the body was sent
+			case <-time.After(waitLimit):
+				pw.Close()
+				t.Fatal("the primary was not called before the body came")
+			}
+			_, err = pw.Write(body)
+			noError(t, err)
+			pw.Close()
+			<-done
+			if !bytes.Equal(got, body) {
+				t.Errorf("the primary read %d bytes, want the %d sent", len(got), len(body))
+			}
+			c := mirrorSrv.next(t)
+			if !bytes.Equal(c.body, body) {
+				t.Errorf("the copy carries %d bytes, want the %d sent", len(c.body), len(body))
+			}
+		})
+	}
+}
+
+// A client that sends its body slowly holds a slot for at most timeout: its copy is abandoned
+// and counted as skipped, and other requests are copied while it still sends.
+func TestSlowBodyReleasesSlotAtTimeout(t *testing.T) {
+	cfg := CreateConfig()
+	cfg.Timeout = "200ms"
+	cfg.MaxInflight = 1
+	s := newStack(t, cfg, nil)
+	for _, length := range []int64{-1, 1 << 20} {
+		t.Run(fmt.Sprint("ContentLength ", length), func(t *testing.T) {
+			before := s.m.out.get(skipped)
+			req, pw := pipeRequest(length, nil)
+			defer pw.Close()
+			req.URL, req.Host, req.RequestURI = mustParse(t, s.front.URL+"/slow"), "", ""
+			go func() {
+				resp, err := s.front.Client().Do(req)
+				if err == nil {
+					resp.Body.Close()
+				}
+			}()
+			_, err := pw.Write([]byte("a")) // then nothing more
+			noError(t, err)
+			eventually(t, func() bool { return s.m.out.get(skipped) == before+1 }, "the slow body's copy was not abandoned")
+			equal(t, s.inflight(), 0, "copies in flight once abandoned")
+			status, _ := s.do(t, newRequest(t, http.MethodPost, s.front.URL+"/other", strings.NewReader("x")))
+			equal(t, status, http.StatusOK, "status")
+			equal(t, s.mirror.next(t).path, "/other", "the next copy")
+		})
+	}
+}
+
+func mustParse(t *testing.T, raw string) *url.URL {
+	t.Helper()
+	u, err := url.Parse(raw)
+	noError(t, err)
+	return u
+}
+
+// Everything read from the mirror is bounded: an answer with megabytes of headers fails the copy.
+func TestMirrorAnswerHeadersAreBounded(t *testing.T) {
+	s := newStack(t, CreateConfig(), func(rw http.ResponseWriter, _ *http.Request) {
+		conn, buf, err := rw.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		_, _ = buf.WriteString("HTTP/1.1 200 OK\r\n")
+		for i := 0; i < 2000; i++ {
+			if _, err := buf.WriteString("X-Pad: " + strings.Repeat("p", 1000) + "\r\n"); err != nil {
+				return
+			}
+		}
+		_ = buf.Flush()
+	})
+	status, _ := s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/", nil))
+	equal(t, status, http.StatusOK, "status")
+	s.waitOutcome(t, failed, 1)
+	eventually(t, func() bool { return strings.Contains(s.stderr.String(), "headers exceeded") }, "no error line about the headers: %q", s.stderr.String())
 }
 
 // A mirror that refuses connections is not tried on every request: copies pause for dialPause,
@@ -713,23 +942,28 @@ func TestRefusedConnectionPausesCopies(t *testing.T) {
 	s := newStack(t, cfg, nil)
 
 	status, _ := s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/1", nil))
-	assert.Equal(t, http.StatusOK, status)
+	equal(t, status, http.StatusOK, "status")
 	s.waitOutcome(t, failed, 1)
-	require.True(t, s.m.paused.Load(), "the refused connection pauses copies")
+	if !s.m.paused.Load() {
+		t.Fatal("copies not paused, want the refused connection to pause them")
+	}
 
 	release() // the mirror comes back on the same address
 	back := newUpstreamOn(t, addr)
 	status, _ = s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/2", nil))
-	assert.Equal(t, http.StatusOK, status)
-	assert.Equal(t, int64(2), s.m.out.get(failed), "counted before the primary ran: no copy was tried")
-	assert.Equal(t, 0, s.inflight())
+	equal(t, status, http.StatusOK, "status")
+	equal(t, s.m.out.get(failed), 2, "failed (counted before the primary ran: no copy was tried)")
+	equal(t, s.inflight(), 0, "copies in flight")
 
-	require.Eventually(t, func() bool {
+	// Every 50ms, not every millisecond: each try is a request.
+	if !poll(50*time.Millisecond, func() bool {
 		s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/3", nil))
 		return s.m.out.get(sent) > 0
-	}, waitLimit, 50*time.Millisecond, "copies resume once the pause is over")
-	assert.Equal(t, "/3", back.next(t).path)
-	assert.Contains(t, s.stderr.String(), "connection refused")
+	}) {
+		t.Fatalf("no copy sent after %s, want copies to resume once the pause is over", waitLimit)
+	}
+	equal(t, back.next(t).path, "/3", "path at the mirror back")
+	contains(t, s.stderr.String(), "connection refused")
 }
 
 // refusedAddr reserves a loopback address that refuses connections: a socket bound to it and
@@ -738,20 +972,20 @@ func TestRefusedConnectionPausesCopies(t *testing.T) {
 func refusedAddr(t *testing.T) (addr string, release func()) {
 	t.Helper()
 	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	require.NoError(t, err)
+	noError(t, err)
 	var once sync.Once
 	release = func() { once.Do(func() { _ = syscall.Close(fd) }) }
 	t.Cleanup(release)
-	require.NoError(t, syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}))
+	noError(t, syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}))
 	sa, err := syscall.Getsockname(fd)
-	require.NoError(t, err)
+	noError(t, err)
 	return fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port), release
 }
 
 func newUpstreamOn(t *testing.T, addr string) *upstream {
 	t.Helper()
 	l, err := net.Listen("tcp", addr)
-	require.NoError(t, err)
+	noError(t, err)
 	u := &upstream{got: make(chan received, 100)}
 	u.Server = httptest.NewUnstartedServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) { u.got <- record(r) }))
 	u.Listener.Close()

@@ -52,24 +52,28 @@ func newOutcomes(name string) *outcomes {
 // logs at those levels, while os.Stdout and os.Stderr would bypass Traefik's log.
 var (
 	debugLine = func(line string) { fmt.Println(line) }
-	errorLine = func(line string) { log.Println(line) }
+	errorLine = func(line string) { fmt.Fprintln(errorOut, line) }
 )
+
+// errorOut is where the log package writes: the interpreter's stderr under Yaegi. Writing to it
+// directly leaves out the log package's own timestamp; Traefik's log line has one.
+var errorOut = log.Writer()
 
 // count counts an outcome and, unless a log line is already due, schedules one. The request
 // path counts sampledOut and skipped with a bare atomic add instead: lines are written when
 // copies end or are dropped, and carry every count. (Plain functions, not methods, and the
 // common case kept apart from the rest: see ServeHTTP.)
 func count(o *outcomes, k outcome, err error) {
+	if err != nil {
+		o.lastErr.Store(err.Error()) // before the count, so that the line counting it has it
+	}
 	atomic.AddInt64(&o.counts[k], 1)
-	if err != nil || !o.pending.Load() {
-		schedule(o, err)
+	if !o.pending.Load() {
+		schedule(o)
 	}
 }
 
-func schedule(o *outcomes, err error) {
-	if err != nil {
-		o.lastErr.Store(err.Error())
-	}
+func schedule(o *outcomes) {
 	if o.pending.Load() || !o.pending.CompareAndSwap(false, true) {
 		return
 	}
@@ -100,6 +104,9 @@ func (o *outcomes) flush() {
 		}
 		o.reported[k] = total
 	}
+	if !problems {
+		o.lastErr.Store("")
+	}
 	o.mu.Unlock()
 	o.nextLine.Store(time.Now().Add(logInterval).UnixNano())
 	o.pending.Store(false)
@@ -112,7 +119,8 @@ func (o *outcomes) flush() {
 		o.debug(line)
 		return
 	}
-	if e, _ := o.lastErr.Load().(string); e != "" {
+	// The last error of this interval only: an older one would mislead.
+	if e, _ := o.lastErr.Swap("").(string); e != "" {
 		line += " lastError=" + strconv.Quote(e)
 	}
 	o.error(line)

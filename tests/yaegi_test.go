@@ -333,29 +333,62 @@ func TestYaegiSaturationDrops(t *testing.T) {
 
 func TestYaegiLoopAndUpgradeSkipped(t *testing.T) {
 	p := loadInterpreted(t)
-	for i, header := range []http.Header{
-		{"X-Mirrored-By": {"other@file"}},
-		{"Connection": {"Upgrade"}, "Upgrade": {"websocket"}},
-	} {
-		name := fmt.Sprintf("skip-%d@file", i)
-		s := newYaegiStack(t, p, map[string]any{}, name, nil)
-		req, err := http.NewRequest(http.MethodGet, s.front.URL+"/skipped", nil)
+	s := newYaegiStack(t, p, map[string]any{}, "skip@file", nil)
+	get := func(path string, header http.Header) {
+		t.Helper()
+		req, err := http.NewRequest(http.MethodGet, s.front.URL+path, nil)
 		require.NoError(t, err)
 		req.Header = header
 		resp, err := http.DefaultClient.Do(req)
 		require.NoError(t, err)
 		resp.Body.Close()
-		// Skips are counted without a log line of their own; the next copy's line carries them.
-		resp, err = http.Get(s.front.URL + "/copied")
-		require.NoError(t, err)
-		resp.Body.Close()
-		waitLine(t, p.stdout, "mirror "+name+": sent=1 skipped=1")
-		c, ok := s.mirror.Next(waitLimit)
+		assert.Equal(t, http.StatusOK, resp.StatusCode)
+		_, ok := s.primary.Next(waitLimit)
 		require.True(t, ok)
-		assert.Equal(t, "/copied", c.Path)
-		_, got := s.mirror.Next(0)
-		assert.False(t, got)
 	}
+	// A client's X-Mirrored-By and a stray Upgrade (no Connection: upgrade) are copied.
+	get("/marked", http.Header{"X-Mirrored-By": {"skip@file"}, "Upgrade": {"foo/2"}})
+	c, ok := s.mirror.Next(waitLimit)
+	require.True(t, ok)
+	assert.Equal(t, "/marked", c.Path)
+	assert.Empty(t, c.Header.Get("Upgrade"), "hop-by-hop on the copy as on the primary")
+	own := c.Header.Get("X-Mirror-Loop")
+	require.NotEmpty(t, own)
+
+	// The copy come back (this interpreter's token), and an upgrade, are not.
+	get("/back", http.Header{"X-Mirror-Loop": {"0123, " + own}})
+	get("/ws", http.Header{"Connection": {"keep-alive, Upgrade"}, "Upgrade": {"websocket"}})
+	get("/copied", http.Header{"X-Mirror-Loop": {"another-replica"}})
+	c, ok = s.mirror.Next(waitLimit)
+	require.True(t, ok)
+	assert.Equal(t, "/copied", c.Path)
+	assert.Equal(t, "another-replica, "+own, c.Header.Get("X-Mirror-Loop"))
+	_, got := s.mirror.Next(0)
+	assert.False(t, got)
+}
+
+// A body that does not come within timeout is abandoned by a timer, which runs interpreted code
+// in a goroutine of its own, and its slot is free again.
+func TestYaegiSlowBodyAbandoned(t *testing.T) {
+	p := loadInterpreted(t)
+	s := newYaegiStack(t, p, map[string]any{"timeout": "200ms", "maxInflight": 1}, "slow@file", nil)
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	go func() {
+		resp, err := http.Post(s.front.URL+"/slow", "text/plain", pr)
+		if err == nil {
+			resp.Body.Close()
+		}
+	}()
+	_, err := pw.Write([]byte("a"))
+	require.NoError(t, err)
+	waitLine(t, p.stdout, "mirror slow@file: skipped=1")
+	resp, err := http.Post(s.front.URL+"/other", "text/plain", strings.NewReader("x"))
+	require.NoError(t, err)
+	resp.Body.Close()
+	c, ok := s.mirror.Next(waitLimit)
+	require.True(t, ok)
+	assert.Equal(t, "/other", c.Path)
 }
 
 // A body of unknown length goes through the interpreted tee while the primary streams.

@@ -1,8 +1,9 @@
 // Command demo runs Traefik with the plugin and the configuration in example/, between a demo
 // primary API and a demo mirror on 127.0.0.1, sends a few requests, and shows what the client
 // got next to what the mirror received. It then prints each mirrored request live until Ctrl-C.
-// With DEMO_ONCE=1 it runs the scripted part only and exits non-zero if a copy is missing or
-// differs.
+// With DEMO_ONCE=1 it runs the scripted part only, on free ports, and exits non-zero if a copy is
+// missing or differs. Otherwise it uses the example's ports (8000, 8080, 9001, 9002) where they
+// are free, and free ports for those that are taken.
 package main
 
 import (
@@ -10,6 +11,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -28,23 +30,51 @@ func main() {
 	}
 }
 
+// addrs gives each example address itself when it is free (and once is false), or else a free
+// loopback port.
+func addrs(once bool, example ...string) (map[string]string, error) {
+	free, err := harness.FreeAddrs(len(example))
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]string{}
+	for i, a := range example {
+		out[a] = free[i]
+		if once {
+			continue
+		}
+		if l, err := net.Listen("tcp", a); err == nil {
+			l.Close()
+			out[a] = a
+		} else {
+			fmt.Printf("%s is taken: using %s instead\n", a, free[i])
+		}
+	}
+	return out, nil
+}
+
 func run() error {
-	primary, err := harness.StartUpstream(harness.ExamplePrimary, 1000, func(rw http.ResponseWriter, r *http.Request) {
+	once := os.Getenv("DEMO_ONCE") != ""
+	use, err := addrs(once, harness.ExampleWeb, harness.ExampleAPI, harness.ExamplePrimary, harness.ExampleMirror)
+	if err != nil {
+		return err
+	}
+	primary, err := harness.StartUpstream(use[harness.ExamplePrimary], 1000, func(rw http.ResponseWriter, r *http.Request) {
 		rw.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(rw).Encode(map[string]any{"service": "primary", "method": r.Method, "path": r.URL.Path})
 	})
 	if err != nil {
-		return fmt.Errorf("demo primary on %s: %w", harness.ExamplePrimary, err)
+		return fmt.Errorf("demo primary on %s: %w", use[harness.ExamplePrimary], err)
 	}
 	defer primary.Close()
-	mirror, err := harness.StartUpstream(harness.ExampleMirror, 1000, nil)
+	mirror, err := harness.StartUpstream(use[harness.ExampleMirror], 1000, nil)
 	if err != nil {
-		return fmt.Errorf("demo mirror on %s: %w", harness.ExampleMirror, err)
+		return fmt.Errorf("demo mirror on %s: %w", use[harness.ExampleMirror], err)
 	}
 	defer mirror.Close()
 
 	fmt.Println("Starting Traefik with example/traefik.yml and example/dynamic.yml ...")
-	traefik, err := harness.StartTraefik(harness.Options{})
+	traefik, err := harness.StartTraefik(harness.Options{Replace: use})
 	if err != nil {
 		return err
 	}
@@ -102,11 +132,11 @@ func run() error {
 	}
 	fmt.Println("\nEvery request reached the primary and an identical copy reached the mirror.")
 
-	if os.Getenv("DEMO_ONCE") != "" {
+	if once {
 		return nil
 	}
 	fmt.Printf("\nTry it: curl -d '{\"hello\":\"mirror\"}' %s/anything\n", traefik.WebURL)
-	fmt.Printf("Dashboard: %s/dashboard/   Mirrored requests appear below; Ctrl-C stops everything.\n\n", traefik.APIURL)
+	fmt.Printf("Traefik's API: %s/api/http/routers   Mirrored requests appear below; Ctrl-C stops everything.\n\n", traefik.APIURL)
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
 	for {
