@@ -1,9 +1,19 @@
 package mirror
 
 import (
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
 	"fmt"
 	"math"
+	"net"
+	"net/http"
 	"net/url"
+	"os"
+	"regexp"
+	"sort"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -23,6 +33,55 @@ type Config struct {
 	Timeout string `json:"timeout,omitempty"`
 	// MaxInflight is how many copies may be in flight at once; past it copies are dropped.
 	MaxInflight int `json:"maxInflight,omitempty"`
+
+	// Methods, if set, are the only methods copied (case-insensitive).
+	Methods []string `json:"methods,omitempty"`
+	// PathRegex, if set, must match the request's path (not its query) for it to be copied.
+	PathRegex string `json:"pathRegex,omitempty"`
+	// MatchHeaders maps header names to regular expressions that must all match.
+	MatchHeaders map[string]string `json:"matchHeaders,omitempty"`
+	// SampleBy names a header whose value alone decides whether a request is in the sample.
+	SampleBy string `json:"sampleBy,omitempty"`
+
+	// SetHeaders are set on the copy, replacing any value.
+	SetHeaders map[string]string `json:"setHeaders,omitempty"`
+	// RemoveHeaders are removed from the copy.
+	RemoveHeaders []string `json:"removeHeaders,omitempty"`
+	// PreserveHost true sends the client's Host to the mirror.
+	PreserveHost bool `json:"preserveHost,omitempty"`
+	// Retries is how many times a copy is resent after a connection error or a 502, 503 or 504.
+	Retries int `json:"retries,omitempty"`
+
+	// InsecureSkipVerify true does not verify an https mirror's certificate.
+	InsecureSkipVerify bool `json:"insecureSkipVerify,omitempty"`
+	// CAFile is a PEM file of the CAs trusted for an https mirror.
+	CAFile string `json:"caFile,omitempty"`
+	// ServerName is the TLS server name for an https mirror.
+	ServerName string `json:"serverName,omitempty"`
+
+	// MaxRate caps the copies per second of this middleware; 0 means no cap.
+	MaxRate float64 `json:"maxRate,omitempty"`
+	// MetricsAddress is a host:port where Prometheus metrics are served at /metrics.
+	MetricsAddress string `json:"metricsAddress,omitempty"`
+
+	// Compare compares the mirror's answers with the primary's.
+	Compare CompareConfig `json:"compare,omitempty"`
+}
+
+// CompareConfig is the compare block of the configuration.
+type CompareConfig struct {
+	// Enabled turns the comparison on.
+	Enabled bool `json:"enabled,omitempty"`
+	// MaxBodySize is how many answer bytes are captured from each side.
+	MaxBodySize int64 `json:"maxBodySize,omitempty"`
+	// IgnoreHeaders are answer headers never compared.
+	IgnoreHeaders []string `json:"ignoreHeaders,omitempty"`
+	// IgnoreJSONPaths are dotted JSON paths never compared ("meta.timestamp", "items.*.id").
+	IgnoreJSONPaths []string `json:"ignoreJSONPaths,omitempty"`
+	// Percent is the share of copied requests that are also compared, 0 to 100.
+	Percent float64 `json:"percent,omitempty"`
+	// LogFile is where difference lines are appended; empty means Traefik's log.
+	LogFile string `json:"logFile,omitempty"`
 }
 
 // CreateConfig returns the default configuration.
@@ -33,8 +92,15 @@ func CreateConfig() *Config {
 		MaxBodySize: 1 << 20,
 		Timeout:     "5s",
 		MaxInflight: 100,
+		Compare: CompareConfig{
+			MaxBodySize: 64 << 10,
+			Percent:     100,
+		},
 	}
 }
+
+// maxRetries bounds retries: every attempt must fit in the one timeout anyway.
+const maxRetries = 10
 
 // settings is a validated Config, compiled once in New for the request path.
 type settings struct {
@@ -47,7 +113,35 @@ type settings struct {
 	mirrorBody  bool
 	maxBodySize int64 // -1: no limit
 	timeout     time.Duration
-	maxInflight int
+	maxInflight int64
+
+	filter       bool            // methods, pathRegex or matchHeaders is set
+	methods      map[string]bool // nil: all
+	pathRegex    *regexp.Regexp
+	matchHeaders []headerMatch
+	sampleBy     string // canonical header name
+
+	shape         bool // setHeaders, removeHeaders or preserveHost is set
+	setHeaders    http.Header
+	removeHeaders []string // canonical names
+	preserveHost  bool
+	retries       int
+
+	tlsKey    string // which shared transport: "" for the default one
+	tlsConfig *tls.Config
+
+	rateInterval  int64 // nanoseconds between copies at maxRate; 0: no cap
+	rateTolerance int64 // how far ahead of the rate a burst may go, in nanoseconds
+	maxRate       float64
+
+	metricsAddress string
+
+	compare *compareSettings // nil: off
+}
+
+type headerMatch struct {
+	name string
+	re   *regexp.Regexp
 }
 
 func compile(c *Config) (settings, error) {
@@ -55,30 +149,9 @@ func compile(c *Config) (settings, error) {
 	if c == nil {
 		return s, fmt.Errorf("mirror: no configuration")
 	}
-
-	if c.URL == "" {
-		return s, fmt.Errorf("mirror: option url is required")
+	if err := compileURL(&s, c); err != nil {
+		return s, err
 	}
-	u, err := url.Parse(c.URL)
-	if err != nil {
-		return s, fmt.Errorf("mirror: invalid url %q: %w", c.URL, err)
-	}
-	switch {
-	case u.Scheme != "http" && u.Scheme != "https":
-		return s, fmt.Errorf("mirror: invalid url %q: scheme must be http or https", c.URL)
-	case u.Host == "":
-		return s, fmt.Errorf("mirror: invalid url %q: no host", c.URL)
-	case u.User != nil:
-		return s, fmt.Errorf("mirror: invalid url %q: user info is not supported", c.URL)
-	case u.RawQuery != "" || u.ForceQuery:
-		return s, fmt.Errorf("mirror: invalid url %q: must not have a query; the request's query is appended", c.URL)
-	case u.Fragment != "" || strings.Contains(c.URL, "#"):
-		return s, fmt.Errorf("mirror: invalid url %q: must not have a fragment", c.URL)
-	}
-	s.host = u.Host
-	s.base = u.Scheme + "://" + u.Host
-	s.basePath = strings.TrimSuffix(u.Path, "/")
-	s.baseRawPath = strings.TrimSuffix(u.EscapedPath(), "/")
 
 	if math.IsNaN(c.Percent) || c.Percent < 0 || c.Percent > 100 {
 		return s, fmt.Errorf("mirror: invalid percent %v: must be between 0 and 100", c.Percent)
@@ -93,6 +166,7 @@ func compile(c *Config) (settings, error) {
 	s.maxBodySize = c.MaxBodySize
 
 	// Timeout is a string: Traefik's decoder cannot turn "5s" into a time.Duration.
+	var err error
 	s.timeout, err = time.ParseDuration(c.Timeout)
 	if err != nil {
 		return s, fmt.Errorf("mirror: invalid timeout %q: %w", c.Timeout, err)
@@ -104,6 +178,200 @@ func compile(c *Config) (settings, error) {
 	if c.MaxInflight < 1 {
 		return s, fmt.Errorf("mirror: invalid maxInflight %d: must be at least 1", c.MaxInflight)
 	}
-	s.maxInflight = c.MaxInflight
-	return s, nil
+	s.maxInflight = int64(c.MaxInflight)
+
+	if err := compileFilters(&s, c); err != nil {
+		return s, err
+	}
+	if err := compileShape(&s, c); err != nil {
+		return s, err
+	}
+	if err := compileTLS(&s, c); err != nil {
+		return s, err
+	}
+
+	if math.IsNaN(c.MaxRate) || math.IsInf(c.MaxRate, 0) || c.MaxRate < 0 {
+		return s, fmt.Errorf("mirror: invalid maxRate %v: must be 0 (no cap) or copies per second", c.MaxRate)
+	}
+	if c.MaxRate > 0 {
+		s.maxRate = c.MaxRate
+		s.rateInterval = int64(float64(time.Second) / c.MaxRate)
+		if s.rateInterval < 1 {
+			s.rateInterval = 1
+		}
+		// A burst of at most one second's worth, and at least one copy.
+		burst := math.Floor(c.MaxRate)
+		if burst < 1 {
+			burst = 1
+		}
+		s.rateTolerance = int64(burst-1) * s.rateInterval
+	}
+
+	if c.MetricsAddress != "" {
+		host, port, err := net.SplitHostPort(c.MetricsAddress)
+		if err != nil {
+			return s, fmt.Errorf("mirror: invalid metricsAddress %q: %w", c.MetricsAddress, err)
+		}
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return s, fmt.Errorf("mirror: invalid metricsAddress %q: port must be a number from 1 to 65535", c.MetricsAddress)
+		}
+		s.metricsAddress = net.JoinHostPort(host, port)
+	}
+
+	s.compare, err = compileCompare(&c.Compare)
+	return s, err
+}
+
+func compileURL(s *settings, c *Config) error {
+	if c.URL == "" {
+		return fmt.Errorf("mirror: option url is required")
+	}
+	u, err := url.Parse(c.URL)
+	if err != nil {
+		return fmt.Errorf("mirror: invalid url %q: %w", c.URL, err)
+	}
+	switch {
+	case u.Scheme != "http" && u.Scheme != "https":
+		return fmt.Errorf("mirror: invalid url %q: scheme must be http or https", c.URL)
+	case u.Host == "":
+		return fmt.Errorf("mirror: invalid url %q: no host", c.URL)
+	case u.User != nil:
+		return fmt.Errorf("mirror: invalid url %q: user info is not supported; use setHeaders for credentials", c.URL)
+	case u.RawQuery != "" || u.ForceQuery:
+		return fmt.Errorf("mirror: invalid url %q: must not have a query; the request's query is appended", c.URL)
+	case u.Fragment != "" || strings.Contains(c.URL, "#"):
+		return fmt.Errorf("mirror: invalid url %q: must not have a fragment", c.URL)
+	}
+	s.host = u.Host
+	s.base = u.Scheme + "://" + u.Host
+	s.basePath = strings.TrimSuffix(u.Path, "/")
+	s.baseRawPath = strings.TrimSuffix(u.EscapedPath(), "/")
+	return nil
+}
+
+// validHeaderName says whether name is an HTTP token (RFC 9110, section 5.1).
+func validHeaderName(name string) bool {
+	if name == "" {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		b := name[i]
+		if b <= ' ' || b >= 0x7f || strings.IndexByte(`"(),/:;<=>?@[\]{}`, b) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func compileFilters(s *settings, c *Config) error {
+	for _, m := range c.Methods {
+		name := strings.ToUpper(strings.TrimSpace(m))
+		if name == "" {
+			continue // "post," from a label
+		}
+		if !validHeaderName(name) {
+			return fmt.Errorf("mirror: invalid methods %q: %q is not an HTTP method", strings.Join(c.Methods, ","), m)
+		}
+		if s.methods == nil {
+			s.methods = map[string]bool{}
+		}
+		s.methods[name] = true
+	}
+	if c.PathRegex != "" {
+		re, err := regexp.Compile(c.PathRegex)
+		if err != nil {
+			return fmt.Errorf("mirror: invalid pathRegex %q: %w", c.PathRegex, err)
+		}
+		s.pathRegex = re
+	}
+	names := make([]string, 0, len(c.MatchHeaders))
+	for name := range c.MatchHeaders {
+		names = append(names, name)
+	}
+	sort.Strings(names) // the order of the checks, and of errors, is stable
+	for _, name := range names {
+		expr := c.MatchHeaders[name]
+		if !validHeaderName(name) {
+			return fmt.Errorf("mirror: invalid matchHeaders %q: not a header name", name)
+		}
+		re, err := regexp.Compile(expr)
+		if err != nil {
+			return fmt.Errorf("mirror: invalid matchHeaders %q: %q: %w", name, expr, err)
+		}
+		s.matchHeaders = append(s.matchHeaders, headerMatch{name: http.CanonicalHeaderKey(name), re: re})
+	}
+	s.filter = s.methods != nil || s.pathRegex != nil || s.matchHeaders != nil
+
+	if c.SampleBy != "" {
+		if !validHeaderName(c.SampleBy) {
+			return fmt.Errorf("mirror: invalid sampleBy %q: not a header name", c.SampleBy)
+		}
+		s.sampleBy = http.CanonicalHeaderKey(c.SampleBy)
+	}
+	return nil
+}
+
+func compileShape(s *settings, c *Config) error {
+	for name, value := range c.SetHeaders {
+		if !validHeaderName(name) {
+			return fmt.Errorf("mirror: invalid setHeaders %q: not a header name", name)
+		}
+		if strings.ContainsAny(value, "\r\n\x00") {
+			return fmt.Errorf("mirror: invalid setHeaders %q: the value holds a line break or NUL", name)
+		}
+		if s.setHeaders == nil {
+			s.setHeaders = http.Header{}
+		}
+		s.setHeaders[http.CanonicalHeaderKey(name)] = []string{value}
+	}
+	for _, name := range c.RemoveHeaders {
+		name = strings.TrimSpace(name)
+		if name == "" {
+			continue
+		}
+		if !validHeaderName(name) {
+			return fmt.Errorf("mirror: invalid removeHeaders %q: %q is not a header name", strings.Join(c.RemoveHeaders, ","), name)
+		}
+		s.removeHeaders = append(s.removeHeaders, http.CanonicalHeaderKey(name))
+	}
+	s.preserveHost = c.PreserveHost
+	s.shape = s.setHeaders != nil || s.removeHeaders != nil || s.preserveHost
+
+	if c.Retries < 0 || c.Retries > maxRetries {
+		return fmt.Errorf("mirror: invalid retries %d: must be from 0 to %d", c.Retries, maxRetries)
+	}
+	s.retries = c.Retries
+	return nil
+}
+
+func compileTLS(s *settings, c *Config) error {
+	if !c.InsecureSkipVerify && c.CAFile == "" && c.ServerName == "" {
+		return nil
+	}
+	if !strings.HasPrefix(s.base, "https://") {
+		for _, o := range []struct{ name, value string }{
+			{"insecureSkipVerify", fmt.Sprint(c.InsecureSkipVerify)}, {"caFile", c.CAFile}, {"serverName", c.ServerName},
+		} {
+			if o.value != "" && o.value != "false" {
+				return fmt.Errorf("mirror: invalid %s %q: url %q is not https", o.name, o.value, c.URL)
+			}
+		}
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: c.ServerName, InsecureSkipVerify: c.InsecureSkipVerify}
+	key := fmt.Sprintf("insecure=%v serverName=%q", c.InsecureSkipVerify, c.ServerName)
+	if c.CAFile != "" {
+		pem, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			return fmt.Errorf("mirror: invalid caFile %q: %w", c.CAFile, err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("mirror: invalid caFile %q: no PEM certificate in it", c.CAFile)
+		}
+		cfg.RootCAs = pool
+		sum := sha256.Sum256(pem)
+		key += " ca=" + hex.EncodeToString(sum[:])
+	}
+	s.tlsKey, s.tlsConfig = key, cfg
+	return nil
 }

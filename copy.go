@@ -3,13 +3,16 @@ package mirror
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
+	crand "crypto/rand"
 	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
+	"math/rand/v2"
 	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -37,7 +40,7 @@ var processToken = newToken()
 
 func newToken() string {
 	b := make([]byte, 16)
-	if _, err := rand.Read(b); err != nil {
+	if _, err := crand.Read(b); err != nil {
 		panic("mirror: no randomness for the loop token: " + err.Error())
 	}
 	return hex.EncodeToString(b)
@@ -81,9 +84,30 @@ func loopTokens(values []string) []string {
 // without "Connection: upgrade" (which is never copied), as the proxy drops it for the primary.
 var hopHeaders = []string{"Connection", "Keep-Alive", "Te", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "Upgrade"}
 
-// sharedTransport carries the copies of every instance. Package-level state survives
-// configuration reloads, so idle connections to the mirror are reused instead of reopened.
-var sharedTransport = newTransport()
+// sharedTransport carries the copies of every instance without TLS options; transports holds
+// one more for each distinct set of them (insecureSkipVerify, caFile's content, serverName).
+// Package-level state survives configuration reloads, so idle connections to the mirror are
+// reused instead of reopened, and no reload adds a transport for settings already seen.
+var (
+	sharedTransport = newTransport()
+	transportsMu    sync.Mutex
+	transports      = map[string]*http.Transport{}
+)
+
+func transportFor(s settings) http.RoundTripper {
+	if s.tlsConfig == nil {
+		return sharedTransport
+	}
+	transportsMu.Lock()
+	defer transportsMu.Unlock()
+	t := transports[s.tlsKey]
+	if t == nil {
+		t = newTransport()
+		t.TLSClientConfig = s.tlsConfig
+		transports[s.tlsKey] = t
+	}
+	return t
+}
 
 func newTransport() *http.Transport {
 	t := http.DefaultTransport.(*http.Transport).Clone()
@@ -100,10 +124,14 @@ type copyRequest struct {
 	path       string // as the primary gets it: decoded, escaped, and the query
 	rawPath    string
 	query      string
+	host       string // the client's, for preserveHost
 	remoteAddr string
 	header     http.Header
 	body       []byte    // nil: no body
 	deadline   time.Time // zero: timeout from when the copy is sent
+
+	tee     *teeBody // the body is copied as the primary reads it
+	capture *capture // the primary's answer, when this copy is compared
 
 	outcome outcome
 	err     error
@@ -126,17 +154,23 @@ func send(m *mirror, c *copyRequest) {
 	}
 	out, err := newCopy(ctx, m, c)
 	if err == nil {
+		began := time.Now()
 		var resp *http.Response
 		resp, err = m.transport.RoundTrip(out)
+		if err != nil || resp.StatusCode >= 500 && m.cfg.retries > 0 {
+			resp, err = retry(ctx, m, c, out, resp, err)
+		}
+		code := 0
 		if err == nil {
-			_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
-			_ = resp.Body.Close()
-			if resp.StatusCode < 500 {
+			code = resp.StatusCode
+			answered(ctx, m, c, resp, began)
+			if code < 500 {
 				c.outcome = sent
 			} else {
 				err = fmt.Errorf("mirror answered %s", resp.Status)
 			}
 		}
+		observe(m.st, time.Since(began), code)
 	}
 	cancel()
 	if err != nil {
@@ -144,13 +178,62 @@ func send(m *mirror, c *copyRequest) {
 	}
 }
 
-// fail keeps the error of a copy that failed. After a refused, unreachable or unresolvable
-// mirror (net.OpError "dial ..."), copies pause instead of trying every request. (errors.As
-// cannot be used under Yaegi.)
+// answered reads the mirror's answer, at most maxDrain bytes of it so that its connection can
+// be reused (or what the comparison captures), and closes it.
+func answered(ctx context.Context, m *mirror, c *copyRequest, resp *http.Response, began time.Time) {
+	atomic.AddInt64(&m.st.codes[resp.StatusCode%maxCode], 1)
+	atomic.AddInt64(&m.st.copiedBytes, int64(len(c.body)))
+	if c.capture != nil {
+		compareAnswer(ctx, m, c, resp, began)
+	} else {
+		_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
+	}
+	_ = resp.Body.Close()
+}
+
+// retry resends a copy after a connection error or a 502, 503 or 504, up to retries times,
+// after a jittered backoff, while its deadline allows; the last answer or error stands. The body
+// is the same bytes each time.
+func retry(ctx context.Context, m *mirror, c *copyRequest, out *http.Request, resp *http.Response, err error) (*http.Response, error) {
+	for attempt := 0; ; attempt++ {
+		if err == nil && resp.StatusCode != http.StatusBadGateway && resp.StatusCode != http.StatusServiceUnavailable &&
+			resp.StatusCode != http.StatusGatewayTimeout {
+			return resp, nil
+		}
+		// 25 ms, 50 ms, 100 ms, ... each between half and one and a half of that.
+		backoff := time.Duration(float64(25*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
+		if deadline, _ := ctx.Deadline(); attempt == m.cfg.retries || ctx.Err() != nil || time.Until(deadline) < backoff {
+			return resp, err
+		}
+		if err == nil { // this answer is not the last: count it and let it go
+			atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
+			_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
+			_ = resp.Body.Close()
+		}
+		timer := time.NewTimer(backoff)
+		select {
+		case <-timer.C:
+		case <-ctx.Done():
+			timer.Stop()
+			return nil, ctx.Err()
+		}
+		atomic.AddInt64(&m.st.retries, 1)
+		again := out.Clone(ctx)
+		if c.body != nil {
+			again.Body = io.NopCloser(bytes.NewReader(c.body))
+		}
+		resp, err = m.transport.RoundTrip(again)
+	}
+}
+
+// fail keeps the error of a copy that failed, naming the mirror. After a refused, unreachable
+// or unresolvable mirror (net.OpError "dial ..."), copies pause instead of trying every request.
+// (errors.As cannot be used under Yaegi.)
 func fail(m *mirror, c *copyRequest, err error) {
-	c.err = err
-	if strings.HasPrefix(err.Error(), "dial ") && m.paused.CompareAndSwap(false, true) {
-		time.AfterFunc(dialPause, func() { m.paused.Store(false) })
+	c.err = fmt.Errorf("%s: %w", m.cfg.base, err)
+	if strings.HasPrefix(err.Error(), "dial ") && m.st.paused.CompareAndSwap(false, true) {
+		st := m.st
+		time.AfterFunc(dialPause, func() { st.paused.Store(false) })
 	}
 }
 
@@ -159,8 +242,8 @@ func settle(m *mirror, c *copyRequest) {
 	if r := recover(); r != nil {
 		c.outcome, c.err = failed, panicked(r)
 	}
-	<-m.slots
-	count(m.out, c.outcome, c.err)
+	atomic.AddInt64(&m.st.inflight, -1)
+	count(m.st, c.outcome, c.err)
 }
 
 func panicked(r any) error { return fmt.Errorf("panic: %v", r) }
@@ -208,10 +291,26 @@ func newCopy(ctx context.Context, m *mirror, c *copyRequest) (*http.Request, err
 		h["X-Forwarded-For"] = []string{ip}
 	}
 	h[markerHeader] = m.marker
-	h[loopHeader] = loopTokens(h[loopHeader])
-	out.Header = h
 	out.Host = m.cfg.host
+	if m.cfg.shape {
+		shape(m, c, h, out)
+	}
+	h[loopHeader] = loopTokens(h[loopHeader]) // after shaping: loop protection is not optional
+	out.Header = h
 	return out, nil
+}
+
+// shape applies removeHeaders, then setHeaders, then preserveHost.
+func shape(m *mirror, c *copyRequest, h http.Header, out *http.Request) {
+	for _, name := range m.cfg.removeHeaders {
+		delete(h, name)
+	}
+	for name, values := range m.cfg.setHeaders {
+		h[name] = values // shared, never modified in place
+	}
+	if m.cfg.preserveHost {
+		out.Host = c.host
+	}
 }
 
 // removeConnectionHeaders removes the headers that Connection names.

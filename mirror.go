@@ -5,10 +5,13 @@ package mirror
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -22,14 +25,9 @@ type mirror struct {
 	next   http.Handler
 	marker []string // the value of markerHeader: the middleware's name
 	cfg    settings
-	slots  chan struct{} // one token per copy in flight
-	out    *outcomes
+	st     *state // shared by every instance of this middleware name
 
-	transport http.RoundTripper // shared by every instance
-
-	// paused stops copies for dialPause after the mirror refused a connection: trying every
-	// request against a mirror that is down costs as much as a copy.
-	paused atomic.Bool
+	transport http.RoundTripper // shared by every instance with the same TLS settings
 }
 
 // New creates the mirroring middleware.
@@ -38,47 +36,89 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 	if err != nil {
 		return nil, err
 	}
+	st := stateFor(name)
+	st.metricsAddress.Store(cfg.metricsAddress)
+	if cfg.metricsAddress != "" {
+		listenMetrics(st, cfg.metricsAddress)
+	}
 	if cfg.percent == 0 {
 		// Mirroring is off: the router gets its next handler itself, at no cost per request.
 		debugLine("mirror " + name + ": percent=0, mirroring is off")
 		return next, nil
 	}
-	m := &mirror{
-		next:   next,
-		marker: []string{name},
-		cfg:    cfg,
-		slots:  make(chan struct{}, cfg.maxInflight),
-		out:    newOutcomes(name),
+	m := &mirror{next: next, marker: []string{name}, cfg: cfg, st: st}
+	m.transport = transportFor(cfg)
+	if cfg.compare != nil {
+		enableCompare(st)
 	}
-	m.transport = sharedTransport
-	m.out.debug(fmt.Sprintf("mirror %s: copying to %s percent=%v mirrorBody=%v maxBodySize=%d timeout=%s maxInflight=%d",
-		name, cfg.base+cfg.baseRawPath, cfg.percent, cfg.mirrorBody, cfg.maxBodySize, cfg.timeout, cfg.maxInflight))
+	st.debug(fmt.Sprintf("mirror %s: copying to %s percent=%v mirrorBody=%v maxBodySize=%d timeout=%s maxInflight=%d maxRate=%v retries=%d compare=%v",
+		name, cfg.base+cfg.baseRawPath, cfg.percent, cfg.mirrorBody, cfg.maxBodySize, cfg.timeout, cfg.maxInflight, cfg.maxRate, cfg.retries, cfg.compare != nil))
 	return m, nil
 }
 
 // ServeHTTP is interpreted by Yaegi on every request. Under Yaegi v0.16.1 every call allocates
 // one value per expression of the called function, and a call to an interpreted method costs
 // about six times a call to a plain function (it builds a function wrapper through
-// reflect.MakeFunc). So ServeHTTP holds only the sampling, the cheapest path; the request path
-// is made of plain functions, each holding what its path needs; only the methods that compiled
-// code calls are methods.
+// reflect.MakeFunc). So ServeHTTP holds only the sampling and the filters, the cheapest paths;
+// the request path is made of plain functions, each holding what its path needs; only the
+// methods that compiled code calls are methods.
 func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
-	if m.cfg.share < 1 && rand.Float64() >= m.cfg.share {
-		atomic.AddInt64(&m.out.counts[sampledOut], 1)
+	if m.cfg.share < 1 && (m.cfg.sampleBy == "" && rand.Float64() >= m.cfg.share || m.cfg.sampleBy != "" && !sampledBy(m, req)) {
+		atomic.AddInt64(&m.st.counts[sampledOut], 1)
+		m.next.ServeHTTP(rw, req)
+		return
+	}
+	if m.cfg.filter && !wanted(m, req) {
+		atomic.AddInt64(&m.st.counts[filtered], 1)
 		m.next.ServeHTTP(rw, req)
 		return
 	}
 	serve(m, rw, req)
 }
 
+// sampledBy decides by the sampleBy header's first value alone, the same way in every process:
+// the request is in the sample when the first 8 bytes of the value's SHA-256, as a big-endian
+// fraction of 2^64, are below percent/100. Without the header, the draw is random.
+func sampledBy(m *mirror, req *http.Request) bool {
+	v := req.Header[m.cfg.sampleBy]
+	if v == nil {
+		return rand.Float64() < m.cfg.share
+	}
+	sum := sha256.Sum256([]byte(v[0]))
+	return float64(binary.BigEndian.Uint64(sum[:8])) < m.cfg.share*(1<<64)
+}
+
+// wanted says whether a request passes the filters: its method, its path (not the query), and
+// each matchHeaders header, of which one value must match.
+func wanted(m *mirror, req *http.Request) bool {
+	if m.cfg.methods != nil && !m.cfg.methods[req.Method] || m.cfg.pathRegex != nil && !m.cfg.pathRegex.MatchString(req.URL.Path) {
+		return false
+	}
+	for _, hm := range m.cfg.matchHeaders {
+		if !matchesAny(hm.re, req.Header[hm.name]) {
+			return false
+		}
+	}
+	return true
+}
+
+func matchesAny(re *regexp.Regexp, values []string) bool {
+	for _, v := range values {
+		if re.MatchString(v) {
+			return true
+		}
+	}
+	return false
+}
+
 // serve copies a sampled request unless no copy can be sent now: the checks that a slow, hung
 // or down mirror makes common come first, and nothing else.
 func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
 	switch {
-	case len(m.slots) == cap(m.slots): // every slot held by a copy in flight
-		count(m.out, dropped, nil)
-	case m.paused.Load(): // the mirror refused a connection a moment ago
-		count(m.out, failed, nil)
+	case atomic.LoadInt64(&m.st.inflight) >= m.cfg.maxInflight: // every slot held by a copy in flight
+		count(m.st, dropped, nil)
+	case m.st.paused.Load(): // the mirror refused a connection a moment ago
+		count(m.st, failed, nil)
 	default:
 		copyAndServe(m, rw, req)
 		return
@@ -88,10 +128,14 @@ func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
 
 // copyAndServe starts the copy, then serves the primary.
 func copyAndServe(m *mirror, rw http.ResponseWriter, req *http.Request) {
-	t := start(m, req)
+	c := start(m, req)
+	if c != nil && c.capture != nil {
+		serveCompared(m, rw, req, c)
+		return
+	}
 	m.next.ServeHTTP(rw, req)
-	if t != nil {
-		t.abandon()
+	if c != nil && c.tee != nil {
+		c.tee.abandon()
 	}
 }
 
@@ -101,23 +145,28 @@ func copyAndServe(m *mirror, rw http.ResponseWriter, req *http.Request) {
 const readAhead = 64 << 10
 
 // start copies a request that passed the cheap checks, unless it must not be copied (a target
-// that is not a plain path, an upgrade, a copy of this process's own), its body is too large or
-// every slot is taken. It takes what the copy needs now, since later middlewares may change the
-// request in place. A body that is not read ahead is copied as the primary reads it: start then
-// returns the teeBody, to be abandoned once the primary is done.
-func start(m *mirror, req *http.Request) *teeBody {
+// that is not a plain path, an upgrade, a copy of this process's own), its body is too large,
+// it is over the rate or every slot is taken. It takes what the copy needs now, since later
+// middlewares may change the request in place, and returns the copy (nil: none). A body that is
+// not read ahead is copied as the primary reads it, through the copy's tee, to be abandoned
+// once the primary is done.
+func start(m *mirror, req *http.Request) *copyRequest {
 	// Map indexing, not Header.Get: the server canonicalizes keys, and a call costs more.
 	// A target that is not a path (an opaque "x:@host/p", "*") is never copied: only the path
 	// and query of a request are ever put on the mirror's URL.
 	if req.URL.Opaque != "" || req.URL.Path != "" && req.URL.Path[0] != '/' || req.Method == http.MethodConnect ||
 		req.Header["Connection"] != nil && isUpgrade(req.Header) ||
 		req.Header[loopHeader] != nil && isOwnCopy(req.Header[loopHeader]) {
-		atomic.AddInt64(&m.out.counts[skipped], 1)
+		atomic.AddInt64(&m.st.counts[skipped], 1)
 		return nil
 	}
 	withBody := m.cfg.mirrorBody && req.Body != nil && req.Body != http.NoBody && req.ContentLength != 0
 	if withBody && m.cfg.maxBodySize >= 0 && req.ContentLength > m.cfg.maxBodySize {
-		count(m.out, tooLarge, nil)
+		count(m.st, tooLarge, nil)
+		return nil
+	}
+	if m.cfg.rateInterval > 0 && !allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance) {
+		count(m.st, rateLimited, nil)
 		return nil
 	}
 	c := &copyRequest{
@@ -125,6 +174,7 @@ func start(m *mirror, req *http.Request) *teeBody {
 		path:       req.URL.Path,
 		rawPath:    req.URL.EscapedPath(),
 		query:      req.URL.RawQuery,
+		host:       req.Host,
 		remoteAddr: req.RemoteAddr,
 		header:     req.Header.Clone(),
 	}
@@ -134,17 +184,21 @@ func start(m *mirror, req *http.Request) *teeBody {
 			return nil
 		}
 	}
-	select {
-	case m.slots <- struct{}{}: // owned by the copy from here on
-	default:
-		count(m.out, dropped, nil)
+	if atomic.AddInt64(&m.st.inflight, 1) > m.cfg.maxInflight {
+		atomic.AddInt64(&m.st.inflight, -1)
+		count(m.st, dropped, nil)
 		return nil
 	}
+	// The slot is owned by the copy from here on.
+	if m.cfg.compare != nil {
+		prepareCompare(m, req, c)
+	}
 	if withBody && c.body == nil {
-		return tee(m, req, c)
+		c.tee = tee(m, req, c)
+		return c
 	}
 	go send(m, c)
-	return nil
+	return c
 }
 
 // isUpgrade says whether Connection carries the upgrade token, as Go's reverse proxy decides.
@@ -169,7 +223,7 @@ func readBody(m *mirror, req *http.Request, c *copyRequest) bool {
 	if err != nil {
 		// The client cut the body short: the primary gets the bytes that came, then the error.
 		req.Body = io.NopCloser(io.MultiReader(bytes.NewReader(buf[:n]), req.Body))
-		count(m.out, skipped, nil)
+		count(m.st, skipped, nil)
 		return false
 	}
 	req.Body = io.NopCloser(bytes.NewReader(buf))
@@ -252,6 +306,6 @@ func (t *teeBody) finish(o outcome) {
 	t.done = true
 	t.timer.Stop()
 	t.c.body = nil
-	<-t.m.slots
-	count(t.m.out, o, nil)
+	atomic.AddInt64(&t.m.st.inflight, -1)
+	count(t.m.st, o, nil)
 }

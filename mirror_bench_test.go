@@ -25,6 +25,8 @@ var benchCases = []struct {
 	{"GET", http.MethodGet, 0, 100},
 	{"POST_1KiB", http.MethodPost, 1 << 10, 100},
 	{"POST_64KiB", http.MethodPost, 64 << 10, 100},
+	{"POST_256KiB_tee", http.MethodPost, 256 << 10, 100}, // over 64 KiB: copied as the primary reads it
+	{"POST_1KiB_chunked", http.MethodPost, 1 << 10, 100}, // unknown length: copied as the primary reads it
 	{"POST_overLimit", http.MethodPost, 2 << 20, 100},
 	{"POST_1KiB_dropped", http.MethodPost, 1 << 10, 100}, // every slot held
 	{"POST_1KiB_paused", http.MethodPost, 1 << 10, 100},  // the mirror refused a connection
@@ -55,23 +57,22 @@ func BenchmarkServeHTTP(b *testing.B) {
 			if bc.name == "POST_1KiB_dropped" {
 				cfg.MaxInflight = 1
 			}
-			h, err := New(context.Background(), next, cfg, "bench@file")
+			h, err := New(context.Background(), next, cfg, "bench-"+bc.name+"@file")
 			if err != nil {
 				b.Fatal(err)
 			}
 			m := h.(*mirror)
-			m.out.error = func(string) {}
+			m.st.error = func(string) {}
 			var held int // no copy leaves: every slot held, or the mirror paused
 			switch bc.name {
 			case "POST_1KiB_dropped":
-				held = cap(m.slots)
-				for i := 0; i < held; i++ {
-					m.slots <- struct{}{}
-				}
+				held = int(m.cfg.maxInflight)
+				atomic.AddInt64(&m.st.inflight, int64(held))
 			case "POST_1KiB_paused":
-				m.paused.Store(true)
+				m.st.paused.Store(true)
 			}
-			paced := bc.percent == 100 && bc.size <= int(cfg.MaxBodySize) && held == 0 && !m.paused.Load()
+			paced := bc.percent == 100 && bc.size <= int(cfg.MaxBodySize) && held == 0 && !m.st.paused.Load()
+			sentBefore := m.st.get(sent)
 			body := []byte(strings.Repeat("b", bc.size))
 			rw := httptest.NewRecorder()
 			before := received.Load()
@@ -79,17 +80,20 @@ func BenchmarkServeHTTP(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				h.ServeHTTP(rw, httptest.NewRequest(bc.method, "/bench?x=1", bytes.NewReader(body)))
+				req := httptest.NewRequest(bc.method, "/bench?x=1", bytes.NewReader(body))
+				if strings.HasSuffix(bc.name, "_chunked") {
+					req.ContentLength = -1
+				}
+				h.ServeHTTP(rw, req)
 				if paced {
 					waitInflight(b, func() bool { return inflight(i+1) < 64 })
 				}
 			}
 			b.StopTimer()
-			for i := 0; i < held; i++ {
-				<-m.slots
-			}
-			waitInflight(b, func() bool { return len(m.slots) == 0 })
-			b.ReportMetric(float64(m.out.get(sent))/float64(b.N), "copies/op")
+			atomic.AddInt64(&m.st.inflight, -int64(held))
+			m.st.paused.Store(false)
+			waitInflight(b, func() bool { return atomic.LoadInt64(&m.st.inflight) == 0 })
+			b.ReportMetric(float64(m.st.get(sent)-sentBefore)/float64(b.N), "copies/op")
 		})
 	}
 }

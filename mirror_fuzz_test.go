@@ -67,8 +67,8 @@ func FuzzCopyTarget(f *testing.F) {
 		f.Fatal(err)
 	}
 	m := h.(*mirror)
-	m.out.debug = func(string) {}
-	m.out.error = func(string) {}
+	m.st.debug = func(string) {}
+	m.st.error = func(string) {}
 	rt := recordingTransport{got: make(chan *http.Request, 1)}
 	m.transport = rt
 
@@ -129,7 +129,7 @@ func FuzzCopyTarget(f *testing.F) {
 func total(m *mirror) int64 {
 	var n int64
 	for k := outcome(0); k < numOutcomes; k++ {
-		n += m.out.get(k)
+		n += m.st.get(k)
 	}
 	return n
 }

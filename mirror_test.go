@@ -13,9 +13,11 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -144,11 +146,11 @@ func newStack(t *testing.T, cfg *Config, mirrorAnswer func(http.ResponseWriter, 
 	}
 	pu, err := url.Parse(s.primary.URL)
 	noError(t, err)
-	h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, "mirror-test@file")
+	h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, testName(t))
 	noError(t, err)
 	s.m = h.(*mirror)
-	s.m.out.error = func(line string) { _, _ = s.stderr.Write([]byte(line + "\n")) }
-	s.m.out.debug = func(string) {}
+	s.m.st.error = func(line string) { _, _ = s.stderr.Write([]byte(line + "\n")) }
+	s.m.st.debug = func(string) {}
 	s.front = httptest.NewServer(h)
 	t.Cleanup(s.front.Close)
 	return s
@@ -168,13 +170,19 @@ func (s *stack) do(t *testing.T, req *http.Request) (int, []byte) {
 // waitOutcome waits until outcome k has been counted n times.
 func (s *stack) waitOutcome(t *testing.T, k outcome, n int64) {
 	t.Helper()
-	if !poll(time.Millisecond, func() bool { return s.m.out.get(k) >= n }) {
-		t.Fatalf("%s after %s: got %d, want %d", outcomeNames[k], waitLimit, s.m.out.get(k), n)
+	if !poll(time.Millisecond, func() bool { return s.m.st.get(k) >= n }) {
+		t.Fatalf("%s after %s: got %d, want %d", outcomeNames[k], waitLimit, s.m.st.get(k), n)
 	}
-	equal(t, s.m.out.get(k), n, outcomeNames[k])
+	equal(t, s.m.st.get(k), n, outcomeNames[k])
 }
 
-func (s *stack) inflight() int { return len(s.m.slots) }
+func (s *stack) inflight() int { return inflight(s.m) }
+
+func inflight(m *mirror) int { return int(atomic.LoadInt64(&m.st.inflight)) }
+
+// testName is a middleware name of the test's own: the state of a name is shared by every
+// instance in the process.
+func testName(t testing.TB) string { return t.Name() + "@file" }
 
 type syncBuffer struct {
 	mu  sync.Mutex
@@ -222,7 +230,11 @@ type chunked struct{ r io.Reader }
 func (c chunked) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 func TestCreateConfigDefaults(t *testing.T) {
-	equal(t, *CreateConfig(), Config{Percent: 100, MirrorBody: true, MaxBodySize: 1 << 20, Timeout: "5s", MaxInflight: 100}, "CreateConfig()")
+	want := &Config{Percent: 100, MirrorBody: true, MaxBodySize: 1 << 20, Timeout: "5s", MaxInflight: 100,
+		Compare: CompareConfig{MaxBodySize: 64 << 10, Percent: 100}}
+	if got := CreateConfig(); !reflect.DeepEqual(got, want) {
+		t.Errorf("CreateConfig(): got %+v, want %+v", got, want)
+	}
 }
 
 func TestNewRejectsBadConfiguration(t *testing.T) {
@@ -255,7 +267,7 @@ func TestNewRejectsBadConfiguration(t *testing.T) {
 			cfg := CreateConfig()
 			cfg.URL = "http://127.0.0.1:1"
 			test.change(cfg)
-			h, err := New(context.Background(), http.NotFoundHandler(), cfg, "m@file")
+			h, err := New(context.Background(), http.NotFoundHandler(), cfg, testName(t))
 			if err == nil {
 				t.Fatalf("got no error, want %q", "mirror: "+test.expErr)
 			}
@@ -273,7 +285,7 @@ func TestNewAcceptsGoodConfiguration(t *testing.T) {
 		cfg.URL = u
 		cfg.MaxBodySize = -1
 		cfg.Percent = 0
-		_, err := New(context.Background(), http.NotFoundHandler(), cfg, "m@file")
+		_, err := New(context.Background(), http.NotFoundHandler(), cfg, testName(t))
 		if err != nil {
 			t.Errorf("%s: got error %v, want none", u, err)
 		}
@@ -389,7 +401,7 @@ func TestCopyHeadersAndURL(t *testing.T) {
 	equal(t, c.path, "/shadow/api/a%2Fb/items", "copy path")
 	equal(t, c.rawQuery, p.rawQuery, "copy query (the query as the primary gets it)")
 	equal(t, c.host, strings.TrimPrefix(mirrorSrv.URL, "http://"), "copy Host")
-	equal(t, c.header.Get(markerHeader), "mirror-test@file", "copy "+markerHeader)
+	equal(t, c.header.Get(markerHeader), testName(t), "copy "+markerHeader)
 	if got, want := c.header.Values("Accept"), []string{"text/plain", "application/json"}; !slices.Equal(got, want) {
 		t.Errorf("copy Accept: got %q, want %q", got, want)
 	}
@@ -437,7 +449,7 @@ func TestNotCopied(t *testing.T) {
 			cfg.URL = mirrorSrv.URL
 			cfg.Percent = test.percent
 			var seen *http.Request
-			h, err := New(context.Background(), http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) { seen = r }), cfg, "m@file")
+			h, err := New(context.Background(), http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) { seen = r }), cfg, testName(t))
 			noError(t, err)
 			req := httptest.NewRequest(http.MethodGet, "/ws", nil)
 			test.prepare(req)
@@ -448,14 +460,14 @@ func TestNotCopied(t *testing.T) {
 			m := h.(*mirror)
 			if test.expCopy {
 				c := mirrorSrv.next(t)
-				equal(t, c.header.Get(markerHeader), "m@file", "copy "+markerHeader)
+				equal(t, c.header.Get(markerHeader), testName(t), "copy "+markerHeader)
 				if seen != nil {
 					equal(t, seen.Header.Get(markerHeader), "other@file", "next's "+markerHeader)
 				}
-				eventually(t, func() bool { return m.out.get(test.expOutc) >= 1 }, "%s not counted", outcomeNames[test.expOutc])
+				eventually(t, func() bool { return m.st.get(test.expOutc) >= 1 }, "%s not counted", outcomeNames[test.expOutc])
 			}
-			equal(t, m.out.get(test.expOutc), 1, outcomeNames[test.expOutc])
-			equal(t, len(m.slots), 0, "copies in flight")
+			equal(t, m.st.get(test.expOutc), 1, outcomeNames[test.expOutc])
+			equal(t, inflight(m), 0, "copies in flight")
 			mirrorSrv.assertNothing(t)
 		})
 	}
@@ -469,12 +481,12 @@ func TestPercentZeroIsOff(t *testing.T) {
 	var lines []string
 	debugLine = func(line string) { lines = append(lines, line) }
 	next := http.NewServeMux()
-	h, err := New(context.Background(), next, cfg, "m@file")
+	h, err := New(context.Background(), next, cfg, testName(t))
 	noError(t, err)
 	if h != next {
 		t.Errorf("got handler %p, want the next handler itself (%p): nothing runs per request", h, next)
 	}
-	if want := []string{"mirror m@file: percent=0, mirroring is off"}; !slices.Equal(lines, want) {
+	if want := []string{"mirror " + testName(t) + ": percent=0, mirroring is off"}; !slices.Equal(lines, want) {
 		t.Errorf("debug lines: got %q, want %q", lines, want)
 	}
 }
@@ -485,19 +497,19 @@ func TestPercentSamples(t *testing.T) {
 	cfg.URL = mirrorSrv.URL
 	cfg.Percent = 30
 	cfg.MaxInflight = 4096
-	h, err := New(context.Background(), http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}), cfg, "m@file")
+	h, err := New(context.Background(), http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}), cfg, testName(t))
 	noError(t, err)
 	m := h.(*mirror)
 	const n = 2000
 	for i := 0; i < n; i++ {
 		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "/", nil))
 	}
-	eventually(t, func() bool { return m.out.get(sent)+m.out.get(sampledOut) == n }, "sent+sampledOut is not %d", n)
+	eventually(t, func() bool { return m.st.get(sent)+m.st.get(sampledOut) == n }, "sent+sampledOut is not %d", n)
 	// Binomial(2000, 0.3): mean 600, standard deviation 20.5; allow 5 deviations.
-	if got := m.out.get(sent); got < 600-103 || got > 600+103 {
+	if got := m.st.get(sent); got < 600-103 || got > 600+103 {
 		t.Errorf("sent: got %d, want 600 ± 103", got)
 	}
-	equal(t, m.out.get(failed)+m.out.get(dropped), 0, "failed+dropped")
+	equal(t, m.st.get(failed)+m.st.get(dropped), 0, "failed+dropped")
 }
 
 // The copy goes out with the primary, not after it: the primary answers only once the mirror
@@ -519,7 +531,7 @@ func TestCopyLeavesBeforePrimaryAnswers(t *testing.T) {
 		cfg := CreateConfig()
 		cfg.URL = mirrorSrv.URL
 		pu, _ := url.Parse(primary.URL)
-		h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, "m@file")
+		h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, testName(t))
 		noError(t, err)
 		front := httptest.NewServer(h)
 		t.Cleanup(front.Close)
@@ -543,7 +555,7 @@ func TestCopyOutlivesClientRequest(t *testing.T) {
 	s.front.CloseClientConnections()
 	close(release)
 	s.waitOutcome(t, sent, 1)
-	equal(t, s.m.out.get(failed), 0, "failed")
+	equal(t, s.m.st.get(failed), 0, "failed")
 }
 
 func TestMirrorFailuresNeverReachThePrimary(t *testing.T) {
@@ -619,7 +631,7 @@ func TestMirrorFailuresNeverReachThePrimary(t *testing.T) {
 			}
 			s.waitOutcome(t, failed, n)
 			eventually(t, func() bool { return strings.Contains(s.stderr.String(), "failed=") }, "no failed= line on stderr")
-			contains(t, s.stderr.String(), "mirror mirror-test@file: ")
+			contains(t, s.stderr.String(), "mirror "+testName(t)+": ")
 			contains(t, s.stderr.String(), test.expErr)
 			eventually(t, func() bool { return s.inflight() == 0 }, "copies still in flight")
 		})
@@ -665,7 +677,7 @@ func TestStreamingRequestBody(t *testing.T) {
 	cfg := CreateConfig()
 	cfg.URL = mirrorSrv.URL
 	pu, _ := url.Parse(primary.URL)
-	h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, "m@file")
+	h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, testName(t))
 	noError(t, err)
 	front := httptest.NewServer(fullDuplex(h))
 	t.Cleanup(front.Close)
@@ -732,7 +744,7 @@ func TestBodyCutShort(t *testing.T) {
 			var gotErr error
 			h, err := New(context.Background(), http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
 				got, gotErr = io.ReadAll(r.Body)
-			}), cfg, "m@file")
+			}), cfg, testName(t))
 			noError(t, err)
 			req := httptest.NewRequest(http.MethodPost, "/", nil)
 			req.Body = &cutBody{strings.NewReader(strings.Repeat("a", 50))}
@@ -743,8 +755,8 @@ func TestBodyCutShort(t *testing.T) {
 				t.Errorf("primary's read error: got %v, want %v", gotErr, io.ErrUnexpectedEOF)
 			}
 			m := h.(*mirror)
-			equal(t, m.out.get(skipped), 1, "skipped")
-			equal(t, len(m.slots), 0, "copies in flight")
+			equal(t, m.st.get(skipped), 1, "skipped")
+			equal(t, inflight(m), 0, "copies in flight")
 			mirrorSrv.assertNothing(t)
 		})
 	}
@@ -758,23 +770,23 @@ func TestUnreadChunkedBodyReleasesSlot(t *testing.T) {
 	cfg.MaxInflight = 1
 	h, err := New(context.Background(), http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
 		rw.WriteHeader(http.StatusForbidden)
-	}), cfg, "m@file")
+	}), cfg, testName(t))
 	noError(t, err)
 	req := httptest.NewRequest(http.MethodPost, "/", chunked{strings.NewReader("data")})
 	req.ContentLength = -1
 	h.ServeHTTP(httptest.NewRecorder(), req)
 	m := h.(*mirror)
-	equal(t, m.out.get(skipped), 1, "skipped")
-	equal(t, len(m.slots), 0, "copies in flight")
+	equal(t, m.st.get(skipped), 1, "skipped")
+	equal(t, inflight(m), 0, "copies in flight")
 }
 
 func TestOutcomeLogIsRateLimited(t *testing.T) {
 	var stdout, stderr syncBuffer
-	o := newOutcomes("api@file")
+	o := stateFor("api@" + t.Name())
 	o.debug = func(line string) { _, _ = stdout.Write([]byte(line + "\n")) }
 	o.error = func(line string) { _, _ = stderr.Write([]byte(line + "\n")) }
 	count(o, failed, fmt.Errorf("first"))
-	equal(t, stderr.String(), "mirror api@file: failed=1 lastError=\"first\"\n", "stderr")
+	equal(t, stderr.String(), "mirror api@"+t.Name()+": failed=1 lastError=\"first\"\n", "stderr")
 	for i := 0; i < 4; i++ {
 		count(o, failed, fmt.Errorf("boom %d", i))
 		count(o, sent, nil)
@@ -783,21 +795,21 @@ func TestOutcomeLogIsRateLimited(t *testing.T) {
 	equal(t, strings.Count(stderr.String(), "\n"), 1, "stderr lines (no second line within the interval)")
 	// The pending line is written when the interval ends; bring that forward.
 	o.flush()
-	equal(t, stderr.String(), "mirror api@file: failed=1 lastError=\"first\"\nmirror api@file: sent=4 failed=4 dropped=1 lastError=\"boom 3\"\n", "stderr")
+	equal(t, stderr.String(), "mirror api@"+t.Name()+": failed=1 lastError=\"first\"\nmirror api@"+t.Name()+": sent=4 failed=4 dropped=1 lastError=\"boom 3\"\n", "stderr")
 	o.flush()
 	equal(t, strings.Count(stderr.String(), "\n"), 2, "stderr lines (nothing new, no line)")
 
 	o.nextLine.Store(0)
 	o.pending.Store(false)
 	count(o, sent, nil)
-	equal(t, stdout.String(), "mirror api@file: sent=1\n", "stdout (successes go to DEBUG)")
+	equal(t, stdout.String(), "mirror api@"+t.Name()+": sent=1\n", "stdout (successes go to DEBUG)")
 
 	// A line carries the last error of its own interval, never an older one.
 	o.nextLine.Store(0)
 	o.pending.Store(false)
 	count(o, dropped, nil)
 	equal(t, stderr.String()[strings.LastIndex(stderr.String()[:len(stderr.String())-1], "\n")+1:],
-		"mirror api@file: dropped=1\n", "the line after an interval without errors")
+		"mirror api@"+t.Name()+": dropped=1\n", "the line after an interval without errors")
 }
 
 // ERROR lines carry Traefik's timestamp only, not the log package's too.
@@ -844,7 +856,7 @@ func TestBodyNotReadAhead(t *testing.T) {
 			h, err := New(context.Background(), http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
 				close(entered)
 				got, _ = io.ReadAll(r.Body)
-			}), cfg, "m@file")
+			}), cfg, testName(t))
 			noError(t, err)
 			body := randomBytes(t, test.size)
 			req, pw := pipeRequest(int64(test.size), test.header)
@@ -883,7 +895,7 @@ func TestSlowBodyReleasesSlotAtTimeout(t *testing.T) {
 	s := newStack(t, cfg, nil)
 	for _, length := range []int64{-1, 1 << 20} {
 		t.Run(fmt.Sprint("ContentLength ", length), func(t *testing.T) {
-			before := s.m.out.get(skipped)
+			before := s.m.st.get(skipped)
 			req, pw := pipeRequest(length, nil)
 			defer pw.Close()
 			req.URL, req.Host, req.RequestURI = mustParse(t, s.front.URL+"/slow"), "", ""
@@ -895,7 +907,7 @@ func TestSlowBodyReleasesSlotAtTimeout(t *testing.T) {
 			}()
 			_, err := pw.Write([]byte("a")) // then nothing more
 			noError(t, err)
-			eventually(t, func() bool { return s.m.out.get(skipped) == before+1 }, "the slow body's copy was not abandoned")
+			eventually(t, func() bool { return s.m.st.get(skipped) == before+1 }, "the slow body's copy was not abandoned")
 			equal(t, s.inflight(), 0, "copies in flight once abandoned")
 			status, _ := s.do(t, newRequest(t, http.MethodPost, s.front.URL+"/other", strings.NewReader("x")))
 			equal(t, status, http.StatusOK, "status")
@@ -944,7 +956,7 @@ func TestRefusedConnectionPausesCopies(t *testing.T) {
 	status, _ := s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/1", nil))
 	equal(t, status, http.StatusOK, "status")
 	s.waitOutcome(t, failed, 1)
-	if !s.m.paused.Load() {
+	if !s.m.st.paused.Load() {
 		t.Fatal("copies not paused, want the refused connection to pause them")
 	}
 
@@ -952,13 +964,13 @@ func TestRefusedConnectionPausesCopies(t *testing.T) {
 	back := newUpstreamOn(t, addr)
 	status, _ = s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/2", nil))
 	equal(t, status, http.StatusOK, "status")
-	equal(t, s.m.out.get(failed), 2, "failed (counted before the primary ran: no copy was tried)")
+	equal(t, s.m.st.get(failed), 2, "failed (counted before the primary ran: no copy was tried)")
 	equal(t, s.inflight(), 0, "copies in flight")
 
 	// Every 50ms, not every millisecond: each try is a request.
 	if !poll(50*time.Millisecond, func() bool {
 		s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/3", nil))
-		return s.m.out.get(sent) > 0
+		return s.m.st.get(sent) > 0
 	}) {
 		t.Fatalf("no copy sent after %s, want copies to resume once the pause is over", waitLimit)
 	}

@@ -52,6 +52,8 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 		{"GET", http.MethodGet, 0, 100, nil},
 		{"POST_1KiB", http.MethodPost, 1 << 10, 100, nil},
 		{"POST_64KiB", http.MethodPost, 64 << 10, 100, nil},
+		{"POST_256KiB_tee", http.MethodPost, 256 << 10, 100, nil},
+		{"POST_1KiB_chunked", http.MethodPost, 1 << 10, 100, nil},
 		{"POST_overLimit", http.MethodPost, 2 << 20, 100, nil},
 		// Every slot held by a copy to a mirror that never answers: the request is dropped.
 		{"POST_1KiB_dropped", http.MethodPost, 1 << 10, 100, map[string]any{"url": "http://" + hung.Addr, "maxInflight": 1, "timeout": "1h"}},
@@ -77,7 +79,11 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				h.ServeHTTP(rw, httptest.NewRequest(bc.method, "/bench?x=1", bytes.NewReader(body)))
+				req := httptest.NewRequest(bc.method, "/bench?x=1", bytes.NewReader(body))
+				if strings.HasSuffix(bc.name, "_chunked") {
+					req.ContentLength = -1
+				}
+				h.ServeHTTP(rw, req)
 				if bc.config == nil && bc.percent == 100 && bc.size <= 1<<20 {
 					paceCopies(b, i+1, 64, func() int { return count() - before })
 				}

@@ -103,6 +103,7 @@ func (c chunked) Read(p []byte) (int, error) { return c.r.Read(p) }
 type yaegiStack struct {
 	front           *httptest.Server
 	primary, mirror *harness.Upstream
+	url             string // the mirror url configured
 }
 
 func newYaegiStack(t *testing.T, p *interpreted, config map[string]any, name string, mirrorAnswer http.HandlerFunc) *yaegiStack {
@@ -118,6 +119,7 @@ func newYaegiStack(t *testing.T, p *interpreted, config map[string]any, name str
 	if _, ok := config["url"]; !ok {
 		config["url"] = s.mirror.URL
 	}
+	s.url = fmt.Sprint(config["url"])
 	pu, err := url.Parse(s.primary.URL)
 	require.NoError(t, err)
 	h, err := p.handler(httputil.NewSingleHostReverseProxy(pu), asStrings(config), name)
@@ -260,9 +262,9 @@ func TestYaegiMirrorFailures(t *testing.T) {
 		answer  http.HandlerFunc
 		expLine string
 	}{
-		{desc: "down", config: map[string]any{"url": "http://" + down.Addr}, expLine: "failed=1 lastError="},
-		{desc: "hung", config: map[string]any{"url": "http://" + hung.Addr, "timeout": "100ms"}, expLine: `failed=1 lastError="context deadline exceeded"`},
-		{desc: "500", answer: func(rw http.ResponseWriter, _ *http.Request) { rw.WriteHeader(500) }, expLine: `failed=1 lastError="mirror answered 500 Internal Server Error"`},
+		{desc: "down", config: map[string]any{"url": "http://" + down.Addr}, expLine: "dial tcp " + down.Addr},
+		{desc: "hung", config: map[string]any{"url": "http://" + hung.Addr, "timeout": "100ms"}, expLine: `context deadline exceeded"`},
+		{desc: "500", answer: func(rw http.ResponseWriter, _ *http.Request) { rw.WriteHeader(500) }, expLine: `mirror answered 500 Internal Server Error"`},
 	}
 	for i, test := range tests {
 		t.Run(test.desc, func(t *testing.T) {
@@ -280,7 +282,8 @@ func TestYaegiMirrorFailures(t *testing.T) {
 			primary, ok := s.primary.Next(waitLimit)
 			require.True(t, ok)
 			assert.True(t, bytes.Equal(body, primary.Body))
-			waitLine(t, p.stderr, "mirror "+name+": "+test.expLine)
+			// The error names the mirror.
+			waitLine(t, p.stderr, "mirror "+name+": failed=1 lastError=\""+s.url+": "+test.expLine)
 		})
 	}
 }

@@ -1,0 +1,680 @@
+package mirror
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// result is what the comparison of one copy's answer with the primary's found.
+type result int
+
+const (
+	matched     result = iota // same status, headers and body, noise aside
+	differed                  // a difference line was written
+	notCompared               // streamed, or an answer missing
+	numResults
+)
+
+var resultNames = [numResults]string{"matched", "differed", "notCompared"}
+
+// noiseHeaders differ from one answer to the next, or from one server to another, whatever the
+// service does: never compared. Set-Cookie is compared by cookie names, not values.
+var noiseHeaders = []string{
+	"Age", "Alt-Svc", "Cf-Ray", "Connection", "Content-Length", "Date", "Etag", "Expires", "Keep-Alive",
+	"Last-Modified", "Nel", "Report-To", "Server", "Server-Timing", "Strict-Transport-Security",
+	"Trailer", "Transfer-Encoding", "Via", "X-Amz-Cf-Id", "X-Amzn-Trace-Id", "X-B3-Traceid", "X-Cache",
+	"X-Correlation-Id", "X-Request-Id", "X-Runtime", "X-Served-By", "X-Trace-Id", "Traceparent",
+}
+
+const (
+	maxDifferences = 20   // per difference line
+	maxValue       = 200  // characters of a value in a difference line
+	maxNoiseKeys   = 256  // distinct fields whose differences are counted, per middleware
+	latencyRing    = 1024 // latencies kept for the percentiles, per side and middleware
+	noiseShare     = 0.9  // a field that differs in this share of compared answers is probable noise
+	noiseMinimum   = 10   // compared answers before noise is named
+)
+
+type compareSettings struct {
+	maxBodySize   int64
+	share         float64
+	ignoreHeaders map[string]bool // canonical names, noise included
+	ignorePaths   [][]string      // dotted paths split, "*" matching any one segment
+	log           *diffLog        // nil: Traefik's log
+}
+
+func compileCompare(c *CompareConfig) (*compareSettings, error) {
+	if !c.Enabled {
+		return nil, nil
+	}
+	if c.MaxBodySize < 0 {
+		return nil, fmt.Errorf("mirror: invalid compare.maxBodySize %d: must be a size in bytes", c.MaxBodySize)
+	}
+	if c.Percent != c.Percent || c.Percent < 0 || c.Percent > 100 {
+		return nil, fmt.Errorf("mirror: invalid compare.percent %v: must be between 0 and 100", c.Percent)
+	}
+	s := &compareSettings{maxBodySize: c.MaxBodySize, share: c.Percent / 100, ignoreHeaders: map[string]bool{}}
+	for _, name := range noiseHeaders {
+		s.ignoreHeaders[name] = true
+	}
+	for _, name := range c.IgnoreHeaders {
+		if name = strings.TrimSpace(name); name == "" {
+			continue
+		}
+		if !validHeaderName(name) {
+			return nil, fmt.Errorf("mirror: invalid compare.ignoreHeaders %q: %q is not a header name", strings.Join(c.IgnoreHeaders, ","), name)
+		}
+		s.ignoreHeaders[http.CanonicalHeaderKey(name)] = true
+	}
+	for _, p := range c.IgnoreJSONPaths {
+		if p = strings.TrimSpace(p); p == "" {
+			continue
+		}
+		segments := strings.Split(p, ".")
+		for _, seg := range segments {
+			if seg == "" {
+				return nil, fmt.Errorf("mirror: invalid compare.ignoreJSONPaths %q: empty segment in %q", strings.Join(c.IgnoreJSONPaths, ","), p)
+			}
+		}
+		s.ignorePaths = append(s.ignorePaths, segments)
+	}
+	if c.LogFile != "" {
+		l, err := openDiffLog(c.LogFile)
+		if err != nil {
+			return nil, fmt.Errorf("mirror: invalid compare.logFile %q: %w", c.LogFile, err)
+		}
+		s.log = l
+	}
+	return s, nil
+}
+
+// compareStats are the comparison counts of one middleware name, kept across reloads.
+type compareStats struct {
+	results [numResults]int64 // atomic
+
+	mu              sync.Mutex
+	reported        [numResults]int64
+	headersOnly     int64            // compared by status and headers: a body over the limit
+	noise           map[string]int64 // differences by field ("json meta.timestamp", "header Etag")
+	primary, mirror []float64        // latency rings, in seconds
+	next            int
+}
+
+func enableCompare(st *state) {
+	if st.compare.Load() == nil {
+		st.compare.CompareAndSwap(nil, &compareStats{noise: map[string]int64{}})
+	}
+}
+
+// capture takes the primary's status, headers and first body bytes as they go to the client,
+// without holding any back: every Write is passed on and flushed at once, as Traefik's proxy
+// flushes a streamed answer, since compiled code cannot see a Flush method on an interpreted
+// writer.
+type capture struct {
+	rw    http.ResponseWriter
+	rc    *http.ResponseController
+	limit int64
+
+	code     int
+	header   http.Header
+	body     []byte
+	over     bool // the body was longer than limit
+	streamed bool // text/event-stream or gRPC: not compared
+	began    time.Time
+	latency  time.Duration
+	done     chan struct{} // closed once the primary has answered
+}
+
+// prepareCompare decides whether this copy is compared, before its goroutine starts.
+func prepareCompare(m *mirror, req *http.Request, c *copyRequest) {
+	cmp := m.cfg.compare
+	if cmp.share < 1 && rand.Float64() >= cmp.share {
+		return
+	}
+	st, _ := m.st.compare.Load().(*compareStats)
+	if isStream(req.Header.Get("Accept")) || isStream(req.Header.Get("Content-Type")) {
+		atomic.AddInt64(&st.results[notCompared], 1)
+		return
+	}
+	c.capture = &capture{limit: cmp.maxBodySize, done: make(chan struct{})}
+}
+
+func isStream(contentType string) bool {
+	return strings.HasPrefix(contentType, "text/event-stream") || strings.HasPrefix(contentType, "application/grpc")
+}
+
+// serveCompared serves the primary through the capture.
+func serveCompared(m *mirror, rw http.ResponseWriter, req *http.Request, c *copyRequest) {
+	w := c.capture
+	w.rw, w.rc, w.began = rw, http.NewResponseController(rw), time.Now()
+	defer w.answered() // even if the primary panics: the copy waits for it
+	m.next.ServeHTTP(w, req)
+	if c.tee != nil {
+		c.tee.abandon()
+	}
+}
+
+func (w *capture) answered() {
+	w.latency = time.Since(w.began)
+	close(w.done)
+}
+
+func (w *capture) Header() http.Header { return w.rw.Header() }
+
+func (w *capture) WriteHeader(code int) {
+	if code >= 200 && w.code == 0 {
+		w.code = code
+		w.header = w.rw.Header().Clone()
+		w.streamed = isStream(w.header.Get("Content-Type"))
+	}
+	w.rw.WriteHeader(code)
+}
+
+func (w *capture) Write(b []byte) (int, error) {
+	if w.code == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	n, err := w.rw.Write(b)
+	if !w.streamed && !w.over {
+		keep := int64(n)
+		if room := w.limit - int64(len(w.body)); keep > room {
+			keep, w.over = room, true
+		}
+		w.body = append(w.body, b[:keep]...)
+	}
+	_ = w.rc.Flush()
+	return n, err
+}
+
+// Flush and Unwrap serve interpreted callers; compiled ones never see them.
+func (w *capture) Flush() { _ = w.rc.Flush() }
+
+// Unwrap returns the writer the capture passes everything to.
+func (w *capture) Unwrap() http.ResponseWriter { return w.rw }
+
+// side is one answer as compared.
+type side struct {
+	code    int
+	header  http.Header
+	body    []byte
+	over    bool
+	latency time.Duration
+}
+
+// compareAnswer reads the mirror's answer up to the limit, waits for the primary's (within the
+// copy's deadline), compares them and counts the result. It runs in the copy's goroutine.
+func compareAnswer(ctx context.Context, m *mirror, c *copyRequest, resp *http.Response, began time.Time) {
+	st, _ := m.st.compare.Load().(*compareStats)
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, c.capture.limit+1))
+	mir := side{code: resp.StatusCode, header: resp.Header, body: body, latency: time.Since(began)}
+	if int64(len(body)) > c.capture.limit {
+		mir.body, mir.over = body[:c.capture.limit], true
+	}
+	w := c.capture
+	select {
+	case <-w.done:
+	case <-ctx.Done():
+		atomic.AddInt64(&st.results[notCompared], 1)
+		return
+	}
+	if w.streamed || w.code == 0 || isStream(mir.header.Get("Content-Type")) {
+		atomic.AddInt64(&st.results[notCompared], 1)
+		return
+	}
+	prim := side{code: w.code, header: w.header, body: w.body, over: w.over, latency: w.latency}
+	diffs := differences(m.cfg.compare, prim, mir)
+	st.record(prim, mir, diffs)
+	if len(diffs) == 0 {
+		atomic.AddInt64(&st.results[matched], 1)
+		return
+	}
+	atomic.AddInt64(&st.results[differed], 1)
+	writeDifference(m, c, prim, mir, diffs)
+}
+
+// difference is one way in which the answers differ.
+type difference struct {
+	Kind    string `json:"kind"`           // status, header, json or body
+	Name    string `json:"name,omitempty"` // the header's name or the JSON path
+	Primary string `json:"primary"`
+	Mirror  string `json:"mirror"`
+}
+
+type statusPair struct {
+	Primary int `json:"primary"`
+	Mirror  int `json:"mirror"`
+}
+
+type latencyPair struct {
+	Primary float64 `json:"primary"`
+	Mirror  float64 `json:"mirror"`
+}
+
+// diffLine is the documented, stable schema of a difference line.
+type diffLine struct {
+	Time        string       `json:"time"`
+	Middleware  string       `json:"middleware"`
+	Method      string       `json:"method"`
+	Path        string       `json:"path"`
+	RequestID   string       `json:"requestId,omitempty"`
+	Status      statusPair   `json:"status"`
+	LatencyMs   latencyPair  `json:"latencyMs"`
+	Differences []difference `json:"differences"`
+}
+
+func writeDifference(m *mirror, c *copyRequest, prim, mir side, diffs []difference) {
+	target := c.rawPath
+	if c.query != "" {
+		target += "?" + c.query
+	}
+	line := diffLine{
+		Time: time.Now().UTC().Format(time.RFC3339Nano), Middleware: m.st.name, Method: c.method, Path: target,
+		RequestID:   c.header.Get("X-Request-Id"),
+		Status:      statusPair{Primary: prim.code, Mirror: mir.code},
+		LatencyMs:   latencyPair{Primary: ms(prim.latency), Mirror: ms(mir.latency)},
+		Differences: diffs,
+	}
+	b, err := json.Marshal(line)
+	if err != nil {
+		return
+	}
+	if l := m.cfg.compare.log; l != nil {
+		l.write(b)
+		return
+	}
+	m.st.error("mirror " + m.st.name + ": difference " + string(b))
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// differences compares two answers: status, headers (noise and ignoreHeaders aside), and the
+// bodies when both are within the limit: as JSON values when both are JSON, else byte for byte.
+func differences(cmp *compareSettings, prim, mir side) []difference {
+	var diffs []difference
+	if prim.code != mir.code {
+		diffs = append(diffs, difference{Kind: "status", Primary: strconv.Itoa(prim.code), Mirror: strconv.Itoa(mir.code)})
+	}
+	names := map[string]bool{}
+	for name := range prim.header {
+		names[name] = true
+	}
+	for name := range mir.header {
+		names[name] = true
+	}
+	sorted := make([]string, 0, len(names))
+	for name := range names {
+		if !cmp.ignoreHeaders[name] {
+			sorted = append(sorted, name)
+		}
+	}
+	sort.Strings(sorted)
+	for _, name := range sorted {
+		p, q := headerValue(prim.header, name), headerValue(mir.header, name)
+		if p != q {
+			diffs = append(diffs, difference{Kind: "header", Name: name, Primary: truncate(p), Mirror: truncate(q)})
+		}
+	}
+	if prim.over || mir.over {
+		return diffs // compared by status and headers only
+	}
+	pb, qb := decoded(prim), decoded(mir)
+	if isJSON(prim.header) && isJSON(mir.header) {
+		var pv, qv any
+		if decodeJSON(pb, &pv) == nil && decodeJSON(qb, &qv) == nil {
+			return diffJSON(cmp, diffs, nil, pv, qv)
+		}
+	}
+	if !bytes.Equal(pb, qb) {
+		diffs = append(diffs, difference{Kind: "body", Primary: digest(pb), Mirror: digest(qb)})
+	}
+	return diffs
+}
+
+// headerValue is a header's values as compared: Set-Cookie by cookie names only.
+func headerValue(h http.Header, name string) string {
+	values := h[name]
+	if name != "Set-Cookie" {
+		return strings.Join(values, ", ")
+	}
+	cookies := make([]string, 0, len(values))
+	for _, v := range values {
+		cookies = append(cookies, strings.TrimSpace(strings.SplitN(v, "=", 2)[0]))
+	}
+	sort.Strings(cookies)
+	return strings.Join(cookies, ", ")
+}
+
+func isJSON(h http.Header) bool {
+	ct := strings.ToLower(h.Get("Content-Type"))
+	return strings.Contains(ct, "json")
+}
+
+// decoded is a body as its service meant it: gzip undone, within the same limit.
+func decoded(s side) []byte {
+	if !strings.EqualFold(s.header.Get("Content-Encoding"), "gzip") {
+		return s.body
+	}
+	zr, err := gzip.NewReader(bytes.NewReader(s.body))
+	if err != nil {
+		return s.body
+	}
+	out, err := io.ReadAll(io.LimitReader(zr, 4*int64(len(s.body))+64<<10))
+	if err != nil && len(out) == 0 {
+		return s.body
+	}
+	return out
+}
+
+func decodeJSON(b []byte, v *any) error {
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.UseNumber() // numbers compared as written, without float rounding
+	if err := d.Decode(v); err != nil {
+		return err
+	}
+	if d.More() {
+		return fmt.Errorf("more than one JSON value")
+	}
+	return nil
+}
+
+// diffJSON compares two JSON values, depth first, keys in order, and appends each path that
+// differs (objects' keys and arrays' indexes joined by dots), unless an ignoreJSONPaths matches.
+func diffJSON(cmp *compareSettings, diffs []difference, path []string, p, q any) []difference {
+	if len(diffs) >= maxDifferences || ignored(cmp, path) {
+		return diffs
+	}
+	switch pv := p.(type) {
+	case map[string]any:
+		if qv, ok := q.(map[string]any); ok {
+			keys := make([]string, 0, len(pv)+len(qv))
+			for k := range pv {
+				keys = append(keys, k)
+			}
+			for k := range qv {
+				if _, seen := pv[k]; !seen {
+					keys = append(keys, k)
+				}
+			}
+			sort.Strings(keys)
+			for _, k := range keys {
+				a, inP := pv[k]
+				b, inQ := qv[k]
+				switch {
+				case inP && inQ:
+					diffs = diffJSON(cmp, diffs, append(path, k), a, b)
+				case !ignored(cmp, append(path, k)) && len(diffs) < maxDifferences:
+					diffs = append(diffs, jsonDifference(append(path, k), a, b, inP, inQ))
+				}
+			}
+			return diffs
+		}
+	case []any:
+		if qv, ok := q.([]any); ok {
+			n := len(pv)
+			if len(qv) > n {
+				n = len(qv)
+			}
+			for i := 0; i < n; i++ {
+				sub := append(path, strconv.Itoa(i))
+				switch {
+				case i < len(pv) && i < len(qv):
+					diffs = diffJSON(cmp, diffs, sub, pv[i], qv[i])
+				case !ignored(cmp, sub) && len(diffs) < maxDifferences:
+					diffs = append(diffs, jsonDifference(sub, index(pv, i), index(qv, i), i < len(pv), i < len(qv)))
+				}
+			}
+			return diffs
+		}
+	}
+	if !sameJSON(p, q) {
+		diffs = append(diffs, jsonDifference(path, p, q, true, true))
+	}
+	return diffs
+}
+
+func index(a []any, i int) any {
+	if i < len(a) {
+		return a[i]
+	}
+	return nil
+}
+
+// sameJSON compares two scalars, or values of different kinds.
+func sameJSON(p, q any) bool {
+	switch p.(type) {
+	case map[string]any, []any:
+		return false // q is of another kind, or diffJSON would have walked it
+	}
+	switch q.(type) {
+	case map[string]any, []any:
+		return false
+	}
+	return p == q
+}
+
+func jsonDifference(path []string, p, q any, inP, inQ bool) difference {
+	d := difference{Kind: "json", Name: strings.Join(path, "."), Primary: "(absent)", Mirror: "(absent)"}
+	if d.Name == "" {
+		d.Name = "."
+	}
+	if inP {
+		d.Primary = jsonText(p)
+	}
+	if inQ {
+		d.Mirror = jsonText(q)
+	}
+	return d
+}
+
+func jsonText(v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Sprint(v)
+	}
+	return truncate(string(b))
+}
+
+func ignored(cmp *compareSettings, path []string) bool {
+	for _, pattern := range cmp.ignorePaths {
+		if len(pattern) != len(path) {
+			continue
+		}
+		match := true
+		for i, seg := range pattern {
+			if seg != "*" && seg != path[i] {
+				match = false
+				break
+			}
+		}
+		if match {
+			return true
+		}
+	}
+	return false
+}
+
+func truncate(s string) string {
+	if len(s) <= maxValue {
+		return s
+	}
+	return s[:maxValue] + "..."
+}
+
+func digest(b []byte) string {
+	sum := sha256.Sum256(b)
+	return strconv.Itoa(len(b)) + " bytes, sha256 " + hex.EncodeToString(sum[:])
+}
+
+// noiseKey names a difference's field for the noise counts: array indexes become "*", so that
+// items.0.updatedAt and items.1.updatedAt count as one field.
+func noiseKey(d difference) string {
+	switch d.Kind {
+	case "json":
+		segments := strings.Split(d.Name, ".")
+		for i, seg := range segments {
+			if _, err := strconv.Atoi(seg); err == nil {
+				segments[i] = "*"
+			}
+		}
+		return "json " + strings.Join(segments, ".")
+	case "header":
+		return "header " + d.Name
+	}
+	return d.Kind
+}
+
+// record counts one comparison: its latencies, whether its body was compared, and which fields
+// differed.
+func (cs *compareStats) record(prim, mir side, diffs []difference) {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if len(cs.primary) < latencyRing {
+		cs.primary = append(cs.primary, prim.latency.Seconds())
+		cs.mirror = append(cs.mirror, mir.latency.Seconds())
+	} else {
+		cs.primary[cs.next], cs.mirror[cs.next] = prim.latency.Seconds(), mir.latency.Seconds()
+		cs.next = (cs.next + 1) % latencyRing
+	}
+	if prim.over || mir.over {
+		cs.headersOnly++
+	}
+	seen := map[string]bool{}
+	for _, d := range diffs {
+		key := noiseKey(d)
+		if seen[key] {
+			continue
+		}
+		seen[key] = true
+		if _, ok := cs.noise[key]; ok || len(cs.noise) < maxNoiseKeys {
+			cs.noise[key]++
+		}
+	}
+}
+
+// summary is the comparison's part of the log line: the results since the last line, the match
+// rate, both sides' latency percentiles, and the fields that differ in nearly every answer.
+func (cs *compareStats) summary() string {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	var delta [numResults]int64
+	var total, compared int64
+	for r := result(0); r < numResults; r++ {
+		n := atomic.LoadInt64(&cs.results[r])
+		delta[r] = n - cs.reported[r]
+		cs.reported[r] = n
+		total += delta[r]
+		if r != notCompared {
+			compared += n
+		}
+	}
+	if total == 0 {
+		return ""
+	}
+	parts := []string{}
+	for r := result(0); r < numResults; r++ {
+		if delta[r] > 0 {
+			parts = append(parts, resultNames[r]+"="+strconv.FormatInt(delta[r], 10))
+		}
+	}
+	if n := delta[matched] + delta[differed]; n > 0 {
+		parts = append(parts, fmt.Sprintf("matchRate=%.1f%%", 100*float64(delta[matched])/float64(n)))
+	}
+	if len(cs.primary) > 0 {
+		parts = append(parts, "primaryP50="+percentile(cs.primary, 0.5), "primaryP99="+percentile(cs.primary, 0.99),
+			"mirrorP50="+percentile(cs.mirror, 0.5), "mirrorP99="+percentile(cs.mirror, 0.99))
+	}
+	if cs.headersOnly > 0 {
+		parts = append(parts, "bodyOverLimit="+strconv.FormatInt(cs.headersOnly, 10))
+	}
+	var noisy []string
+	if compared >= noiseMinimum {
+		for key, n := range cs.noise {
+			if float64(n) >= noiseShare*float64(compared) {
+				noisy = append(noisy, key)
+			}
+		}
+	}
+	sort.Strings(noisy)
+	for _, key := range noisy {
+		option := "compare.ignoreJSONPaths"
+		field := strings.TrimPrefix(key, "json ")
+		if strings.HasPrefix(key, "header ") {
+			option, field = "compare.ignoreHeaders", strings.TrimPrefix(key, "header ")
+		} else if !strings.HasPrefix(key, "json ") {
+			continue // status and body differences are not noise
+		}
+		parts = append(parts, strconv.Quote(fmt.Sprintf("probable noise: %s differed in %.0f%% of %d compared; ignore it with %s",
+			field, 100*float64(cs.noise[key])/float64(compared), compared, option)))
+	}
+	return strings.Join(parts, " ")
+}
+
+func percentile(ring []float64, p float64) string {
+	s := append([]float64(nil), ring...)
+	sort.Float64s(s)
+	d := time.Duration(s[int(p*float64(len(s)-1))] * float64(time.Second))
+	return d.Round(100 * time.Microsecond).String()
+}
+
+// diffLog is a file that difference lines are appended to, shared by every middleware that
+// names it, and opened again when it has been rotated away.
+type diffLog struct {
+	path    string
+	mu      sync.Mutex
+	f       *os.File
+	checked time.Time
+}
+
+var (
+	diffLogsMu sync.Mutex
+	diffLogs   = map[string]*diffLog{}
+)
+
+func openDiffLog(path string) (*diffLog, error) {
+	diffLogsMu.Lock()
+	defer diffLogsMu.Unlock()
+	if l := diffLogs[path]; l != nil {
+		return l, nil
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	l := &diffLog{path: path, f: f, checked: time.Now()}
+	diffLogs[path] = l
+	return l, nil
+}
+
+// write appends one line. At most once a second it checks that the path still names the open
+// file, and opens it again if not (logrotate moved it away).
+func (l *diffLog) write(line []byte) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if time.Since(l.checked) >= time.Second {
+		l.checked = time.Now()
+		open, err1 := l.f.Stat()
+		named, err2 := os.Stat(l.path)
+		if err1 != nil || err2 != nil || !os.SameFile(open, named) {
+			if f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644); err == nil {
+				_ = l.f.Close()
+				l.f = f
+			}
+		}
+	}
+	_, _ = l.f.Write(append(line, '\n'))
+}

@@ -1,0 +1,124 @@
+package mirror
+
+import (
+	"bufio"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// listeners are the metrics addresses this process serves, each started on first use and kept
+// for the life of the process: Traefik has no hook to stop a plugin, and a listener per
+// configuration reload would leak.
+var (
+	listenersMu sync.Mutex
+	listeners   = map[string]bool{}
+)
+
+// listenMetrics serves the metrics of every middleware configured with addr at
+// http://addr/metrics, unless that is done already. If addr cannot be bound, mirroring goes on
+// and the next configuration change tries again.
+func listenMetrics(st *state, addr string) {
+	listenersMu.Lock()
+	defer listenersMu.Unlock()
+	if listeners[addr] {
+		return
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		st.error("mirror " + st.name + ": cannot serve metrics on metricsAddress " + addr + ": " + err.Error() + "; mirroring goes on without them")
+		return
+	}
+	listeners[addr] = true
+	mux := http.NewServeMux()
+	mux.HandleFunc("/metrics", func(rw http.ResponseWriter, _ *http.Request) {
+		rw.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		w := bufio.NewWriter(rw)
+		writeMetrics(w, states(addr))
+		_ = w.Flush()
+	})
+	srv := &http.Server{ReadHeaderTimeout: 10 * time.Second}
+	var h http.Handler = mux // set after construction: see PLUGIN-FACTS on Yaegi
+	srv.Handler = h
+	go serveForever(srv, l)
+}
+
+func serveForever(srv *http.Server, l net.Listener) {
+	defer func() { _ = recover() }() // a panic in a goroutine the plugin started would kill Traefik
+	_ = srv.Serve(l)
+}
+
+// family writes the HELP and TYPE lines of a metric family.
+func family(w *bufio.Writer, name, kind, help string) {
+	_, _ = w.WriteString("# HELP " + name + " " + help + "\n# TYPE " + name + " " + kind + "\n")
+}
+
+// sample writes one sample: name{labels} value.
+func sample(w *bufio.Writer, name, labels string, value int64) {
+	_, _ = w.WriteString(name + "{" + labels + "} " + strconv.FormatInt(value, 10) + "\n")
+}
+
+// labelValue escapes a label value for the text exposition format 0.0.4.
+var labelValue = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
+
+// writeMetrics writes the families of the given middlewares in the Prometheus text format.
+func writeMetrics(w *bufio.Writer, all []*state) {
+	mw := make([]string, len(all))
+	for i, st := range all {
+		mw[i] = `middleware="` + labelValue.Replace(st.name) + `"`
+	}
+	family(w, "traefik_mirror_requests_total", "counter", "Requests seen by the mirroring middleware, by what became of their copy.")
+	for i, st := range all {
+		for k := outcome(0); k < numOutcomes; k++ {
+			sample(w, "traefik_mirror_requests_total", mw[i]+`,outcome="`+outcomeNames[k]+`"`, st.get(k))
+		}
+	}
+	family(w, "traefik_mirror_copy_duration_seconds", "histogram", "Time from sending a copy to the end of the mirror's answer or the failure.")
+	for i, st := range all {
+		var cumulative int64
+		for b, bound := range durationBuckets {
+			cumulative += atomic.LoadInt64(&st.durations[b])
+			sample(w, "traefik_mirror_copy_duration_seconds_bucket", mw[i]+`,le="`+strconv.FormatFloat(bound, 'g', -1, 64)+`"`, cumulative)
+		}
+		cumulative += atomic.LoadInt64(&st.durations[len(durationBuckets)])
+		sample(w, "traefik_mirror_copy_duration_seconds_bucket", mw[i]+`,le="+Inf"`, cumulative)
+		sum := float64(atomic.LoadInt64(&st.durationSum)) / float64(time.Second)
+		_, _ = w.WriteString("traefik_mirror_copy_duration_seconds_sum{" + mw[i] + "} " + strconv.FormatFloat(sum, 'g', -1, 64) + "\n")
+		sample(w, "traefik_mirror_copy_duration_seconds_count", mw[i], cumulative)
+	}
+	family(w, "traefik_mirror_responses_total", "counter", "Answers of the mirror, by status code (0: a code of 600 or more).")
+	for i, st := range all {
+		for code := 0; code < maxCode; code++ {
+			if n := atomic.LoadInt64(&st.codes[code]); n > 0 {
+				sample(w, "traefik_mirror_responses_total", mw[i]+`,code="`+strconv.Itoa(code)+`"`, n)
+			}
+		}
+	}
+	family(w, "traefik_mirror_inflight", "gauge", "Copies in flight now.")
+	for i, st := range all {
+		sample(w, "traefik_mirror_inflight", mw[i], atomic.LoadInt64(&st.inflight))
+	}
+	family(w, "traefik_mirror_copied_bytes_total", "counter", "Body bytes sent to the mirror.")
+	for i, st := range all {
+		sample(w, "traefik_mirror_copied_bytes_total", mw[i], atomic.LoadInt64(&st.copiedBytes))
+	}
+	family(w, "traefik_mirror_retries_total", "counter", "Copies sent again after a connection error or a 502, 503 or 504.")
+	for i, st := range all {
+		sample(w, "traefik_mirror_retries_total", mw[i], atomic.LoadInt64(&st.retries))
+	}
+	family(w, "traefik_mirror_compared_total", "counter", "Copies whose answer was compared with the primary's, by result.")
+	for i, st := range all {
+		cs, _ := st.compare.Load().(*compareStats)
+		for r := result(0); r < numResults; r++ {
+			var n int64
+			if cs != nil {
+				n = atomic.LoadInt64(&cs.results[r])
+			}
+			sample(w, "traefik_mirror_compared_total", mw[i]+`,result="`+resultNames[r]+`"`, n)
+		}
+	}
+}
