@@ -54,8 +54,8 @@ type state struct {
 	tat         int64              // atomic: when the rate budget is next whole, unix nanoseconds
 	paused      atomic.Bool        // the mirror refused a connection a moment ago
 
-	durations   [12]int64   // atomic: copies by durationBuckets, then over the last bound
-	durationSum int64       // atomic: nanoseconds
+	durations   [12]int64      // atomic: copies by durationBuckets, then over the last bound
+	durationSum int64          // atomic: nanoseconds
 	codes       [maxCode]int64 // atomic: the mirror's answers by status code
 
 	metricsAddress atomic.Value // string: where this middleware's metrics are served
