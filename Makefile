@@ -1,4 +1,4 @@
-.PHONY: default lint test unit integration demo bench vendor tidy plugins-local traefik clean
+.PHONY: default lint test unit integration demo demo-compare bench tidy plugins-local traefik clean
 
 export GOFLAGS := -buildvcs=false
 GOLANGCI_LINT_VERSION ?= v2.15.0
@@ -16,10 +16,15 @@ unit:
 integration: traefik
 	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) go test -race -count=1 -timeout 20m ./...
 	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) DEMO_ONCE=1 go run ./cmd/demo
+	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) DEMO_ONCE=1 go run ./cmd/demo -compare
 
 # Traefik with the plugin mirroring live traffic on 127.0.0.1, until Ctrl-C.
 demo: traefik
 	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) go run ./cmd/demo
+
+# The same, with the mirror as a new version of the API whose answers are compared.
+demo-compare: traefik
+	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) go run ./cmd/demo -compare
 
 # Go benchmarks (compiled and under Yaegi), then the load benchmark through a real Traefik.
 bench: traefik
@@ -39,14 +44,11 @@ lint:
 		"$$(go env GOPATH)/bin/golangci-lint" run ./... && cd tests && "$$(go env GOPATH)/bin/golangci-lint" run ./... ; \
 	else echo "golangci-lint $(GOLANGCI_LINT_VERSION) not available from the module proxy; gofmt and go vet only"; fi
 
-# go.mod, go.sum and vendor/ as go mod tidy and go mod vendor leave them.
+# go.mod and go.sum of both modules as go mod tidy leaves them (the plugin has no dependency,
+# so no vendor/ either).
 tidy:
 	go mod tidy
-	go mod vendor
 	cd tests && go mod tidy
-
-vendor:
-	go mod vendor
 
 # Lays the plugin out for a Traefik run from the repository root:
 #   traefik --configFile=example/traefik.yml

@@ -137,21 +137,31 @@ type capture struct {
 	streamed bool // text/event-stream or gRPC: not compared
 	began    time.Time
 	latency  time.Duration
-	done     chan struct{} // closed once the primary has answered
+
+	// answered is cancelled once the primary has answered (finished is then true), or at the
+	// copy's deadline. (A context, not a select on two channels: Yaegi v0.16.1 runs a select
+	// with one set of cases shared by every goroutine executing it.)
+	answered context.Context
+	done     context.CancelFunc
+	finished atomic.Bool
 }
 
-// prepareCompare decides whether this copy is compared, before its goroutine starts.
-func prepareCompare(m *mirror, req *http.Request, c *copyRequest) {
+// prepareCompare decides whether this copy is compared, before its goroutine starts, and says
+// whether it is.
+func prepareCompare(m *mirror, req *http.Request, c *copyRequest) bool {
 	cmp := m.cfg.compare
 	if cmp.share < 1 && rand.Float64() >= cmp.share {
-		return
+		return false
 	}
 	st, _ := m.st.compare.Load().(*compareStats)
 	if isStream(req.Header.Get("Accept")) || isStream(req.Header.Get("Content-Type")) {
 		atomic.AddInt64(&st.results[notCompared], 1)
-		return
+		return false
 	}
-	c.capture = &capture{limit: cmp.maxBodySize, done: make(chan struct{})}
+	w := &capture{limit: cmp.maxBodySize}
+	w.answered, w.done = context.WithCancel(context.Background())
+	c.capture = w
+	return true
 }
 
 func isStream(contentType string) bool {
@@ -161,17 +171,20 @@ func isStream(contentType string) bool {
 // serveCompared serves the primary through the capture.
 func serveCompared(m *mirror, rw http.ResponseWriter, req *http.Request, c *copyRequest) {
 	w := c.capture
-	w.rw, w.rc, w.began = rw, http.NewResponseController(rw), time.Now()
-	defer w.answered() // even if the primary panics: the copy waits for it
+	w.rw = rw // one assignment each: Yaegi v0.16.1 leaves an interface field nil in a tuple assignment
+	w.rc = http.NewResponseController(rw)
+	w.began = time.Now()
+	defer w.finish() // even if the primary panics: the copy waits for it
 	m.next.ServeHTTP(w, req)
 	if c.tee != nil {
 		c.tee.abandon()
 	}
 }
 
-func (w *capture) answered() {
+func (w *capture) finish() {
 	w.latency = time.Since(w.began)
-	close(w.done)
+	w.finished.Store(true)
+	w.done()
 }
 
 func (w *capture) Header() http.Header { return w.rw.Header() }
@@ -226,9 +239,10 @@ func compareAnswer(ctx context.Context, m *mirror, c *copyRequest, resp *http.Re
 		mir.body, mir.over = body[:c.capture.limit], true
 	}
 	w := c.capture
-	select {
-	case <-w.done:
-	case <-ctx.Done():
+	stop := context.AfterFunc(ctx, w.done) // the copy's deadline ends the wait too
+	<-w.answered.Done()
+	stop()
+	if !w.finished.Load() {
 		atomic.AddInt64(&st.results[notCompared], 1)
 		return
 	}

@@ -109,7 +109,9 @@ type settings struct {
 	baseRawPath string
 	host        string
 	percent     float64
-	share       float64 // percent / 100, for the request path
+	share       float64 // percent / 100 for a random draw (1 with sampleBy, which byShare serves)
+	byShare     float64 // percent / 100 by sampleBy's hash (1 without sampleBy)
+	gate        bool    // sampleBy or a filter decides before serve
 	mirrorBody  bool
 	maxBodySize int64 // -1: no limit
 	timeout     time.Duration
@@ -157,7 +159,7 @@ func compile(c *Config) (settings, error) {
 		return s, fmt.Errorf("mirror: invalid percent %v: must be between 0 and 100", c.Percent)
 	}
 	s.percent = c.Percent
-	s.share = c.Percent / 100
+	s.share, s.byShare = c.Percent/100, 1
 	s.mirrorBody = c.MirrorBody
 
 	if c.MaxBodySize < -1 {
@@ -288,7 +290,8 @@ func compileFilters(s *settings, c *Config) error {
 	for name := range c.MatchHeaders {
 		names = append(names, name)
 	}
-	sort.Strings(names) // the order of the checks, and of errors, is stable
+	// The order of the checks, and of errors, is stable.
+	sort.Slice(names, func(i, j int) bool { return http.CanonicalHeaderKey(names[i]) < http.CanonicalHeaderKey(names[j]) })
 	for _, name := range names {
 		expr := c.MatchHeaders[name]
 		if !validHeaderName(name) {
@@ -307,7 +310,9 @@ func compileFilters(s *settings, c *Config) error {
 			return fmt.Errorf("mirror: invalid sampleBy %q: not a header name", c.SampleBy)
 		}
 		s.sampleBy = http.CanonicalHeaderKey(c.SampleBy)
+		s.share, s.byShare = 1, s.share
 	}
+	s.gate = s.filter || s.byShare < 1
 	return nil
 }
 

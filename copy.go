@@ -127,8 +127,9 @@ type copyRequest struct {
 	host       string // the client's, for preserveHost
 	remoteAddr string
 	header     http.Header
-	body       []byte    // nil: no body
-	deadline   time.Time // zero: timeout from when the copy is sent
+	body       []byte        // nil: no body
+	timeout    time.Duration // from when the copy is sent
+	deadline   time.Time     // a body copied as the primary read it: when its slot was taken
 
 	tee     *teeBody // the body is copied as the primary reads it
 	capture *capture // the primary's answer, when this copy is compared
@@ -143,15 +144,8 @@ func send(m *mirror, c *copyRequest) {
 	c.outcome = failed // what settle counts if anything below panics
 	defer settle(m, c)
 
-	// Detached from the client's request: only the mirror's own deadline cancels the copy. A
-	// body copied as the primary read it started its deadline when its slot was taken.
-	var ctx context.Context
-	var cancel context.CancelFunc
-	if c.deadline.IsZero() {
-		ctx, cancel = context.WithTimeout(context.Background(), m.cfg.timeout)
-	} else {
-		ctx, cancel = context.WithDeadline(context.Background(), c.deadline)
-	}
+	// Detached from the client's request: only the mirror's own deadline cancels the copy.
+	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 	out, err := newCopy(ctx, m, c)
 	if err == nil {
 		began := time.Now()
@@ -181,7 +175,6 @@ func send(m *mirror, c *copyRequest) {
 // answered reads the mirror's answer, at most maxDrain bytes of it so that its connection can
 // be reused (or what the comparison captures), and closes it.
 func answered(ctx context.Context, m *mirror, c *copyRequest, resp *http.Response, began time.Time) {
-	atomic.AddInt64(&m.st.codes[resp.StatusCode%maxCode], 1)
 	atomic.AddInt64(&m.st.copiedBytes, int64(len(c.body)))
 	if c.capture != nil {
 		compareAnswer(ctx, m, c, resp, began)
@@ -205,18 +198,14 @@ func retry(ctx context.Context, m *mirror, c *copyRequest, out *http.Request, re
 		if deadline, _ := ctx.Deadline(); attempt == m.cfg.retries || ctx.Err() != nil || time.Until(deadline) < backoff {
 			return resp, err
 		}
-		if err == nil { // this answer is not the last: count it and let it go
+		if err == nil { // this answer is not the last: count it and let it go (observe counts the last)
 			atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
 			_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
 			_ = resp.Body.Close()
 		}
-		timer := time.NewTimer(backoff)
-		select {
-		case <-timer.C:
-		case <-ctx.Done():
-			timer.Stop()
-			return nil, ctx.Err()
-		}
+		// A plain sleep, within the deadline (checked above): no select, which Yaegi v0.16.1 runs
+		// with one set of cases shared by every goroutine executing the statement.
+		time.Sleep(backoff)
 		atomic.AddInt64(&m.st.retries, 1)
 		again := out.Clone(ctx)
 		if c.body != nil {
@@ -240,7 +229,8 @@ func fail(m *mirror, c *copyRequest, err error) {
 // settle is deferred by send: a panic in a goroutine the plugin started would kill Traefik.
 func settle(m *mirror, c *copyRequest) {
 	if r := recover(); r != nil {
-		c.outcome, c.err = failed, panicked(r)
+		c.outcome = failed
+		c.err = panicked(r) // not in a tuple assignment: see serveCompared
 	}
 	atomic.AddInt64(&m.st.inflight, -1)
 	count(m.st, c.outcome, c.err)

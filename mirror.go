@@ -63,17 +63,30 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 // the request path is made of plain functions, each holding what its path needs; only the
 // methods that compiled code calls are methods.
 func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
-	if m.cfg.share < 1 && (m.cfg.sampleBy == "" && rand.Float64() >= m.cfg.share || m.cfg.sampleBy != "" && !sampledBy(m, req)) {
+	if m.cfg.share < 1 && rand.Float64() >= m.cfg.share {
 		atomic.AddInt64(&m.st.counts[sampledOut], 1)
 		m.next.ServeHTTP(rw, req)
 		return
 	}
-	if m.cfg.filter && !wanted(m, req) {
-		atomic.AddInt64(&m.st.counts[filtered], 1)
-		m.next.ServeHTTP(rw, req)
+	if m.cfg.gate {
+		gate(m, rw, req)
 		return
 	}
 	serve(m, rw, req)
+}
+
+// gate applies sampleBy and the filters, which only some middlewares have.
+func gate(m *mirror, rw http.ResponseWriter, req *http.Request) {
+	switch {
+	case m.cfg.byShare < 1 && !sampledBy(m, req):
+		atomic.AddInt64(&m.st.counts[sampledOut], 1)
+	case m.cfg.filter && !wanted(m, req):
+		atomic.AddInt64(&m.st.counts[filtered], 1)
+	default:
+		serve(m, rw, req)
+		return
+	}
+	m.next.ServeHTTP(rw, req)
 }
 
 // sampledBy decides by the sampleBy header's first value alone, the same way in every process:
@@ -82,10 +95,10 @@ func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 func sampledBy(m *mirror, req *http.Request) bool {
 	v := req.Header[m.cfg.sampleBy]
 	if v == nil {
-		return rand.Float64() < m.cfg.share
+		return rand.Float64() < m.cfg.byShare
 	}
 	sum := sha256.Sum256([]byte(v[0]))
-	return float64(binary.BigEndian.Uint64(sum[:8])) < m.cfg.share*(1<<64)
+	return float64(binary.BigEndian.Uint64(sum[:8])) < m.cfg.byShare*(1<<64)
 }
 
 // wanted says whether a request passes the filters: its method, its path (not the query), and
@@ -126,37 +139,39 @@ func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
 	m.next.ServeHTTP(rw, req)
 }
 
-// copyAndServe starts the copy, then serves the primary.
-func copyAndServe(m *mirror, rw http.ResponseWriter, req *http.Request) {
-	c := start(m, req)
-	if c != nil && c.capture != nil {
-		serveCompared(m, rw, req, c)
-		return
-	}
-	m.next.ServeHTTP(rw, req)
-	if c != nil && c.tee != nil {
-		c.tee.abandon()
-	}
-}
-
 // readAhead is the largest body of known length that is read before the primary is called: what
 // a client sends in one burst. Larger bodies, and bodies whose client asked to be told to go on
 // (Expect: 100-continue), are copied as the primary reads them.
 const readAhead = 64 << 10
 
+// copyAndServe starts the copy, then serves the primary.
+func copyAndServe(m *mirror, rw http.ResponseWriter, req *http.Request) {
+	if c := start(m, req); c != nil {
+		follow(m, rw, req, c)
+		return
+	}
+	m.next.ServeHTTP(rw, req)
+}
+
+// follow serves the primary of a copy that needs it: one that compares its answer, or whose
+// body the primary reads through the tee, to be abandoned once the primary is done.
+func follow(m *mirror, rw http.ResponseWriter, req *http.Request, c *copyRequest) {
+	if c.capture != nil {
+		serveCompared(m, rw, req, c)
+		return
+	}
+	m.next.ServeHTTP(rw, req)
+	c.tee.abandon()
+}
+
 // start copies a request that passed the cheap checks, unless it must not be copied (a target
 // that is not a plain path, an upgrade, a copy of this process's own), its body is too large,
-// it is over the rate or every slot is taken. It takes what the copy needs now, since later
-// middlewares may change the request in place, and returns the copy (nil: none). A body that is
-// not read ahead is copied as the primary reads it, through the copy's tee, to be abandoned
-// once the primary is done.
+// or it is over the rate. A target that is not a path (an opaque "x:@host/p", "*") is never
+// copied: only the path and query of a request are ever put on the mirror's URL.
 func start(m *mirror, req *http.Request) *copyRequest {
 	// Map indexing, not Header.Get: the server canonicalizes keys, and a call costs more.
-	// A target that is not a path (an opaque "x:@host/p", "*") is never copied: only the path
-	// and query of a request are ever put on the mirror's URL.
-	if req.URL.Opaque != "" || req.URL.Path != "" && req.URL.Path[0] != '/' || req.Method == http.MethodConnect ||
-		req.Header["Connection"] != nil && isUpgrade(req.Header) ||
-		req.Header[loopHeader] != nil && isOwnCopy(req.Header[loopHeader]) {
+	if req.URL.Path == "" || req.URL.Path[0] != '/' || req.Method == http.MethodConnect ||
+		(req.Header["Connection"] != nil || req.Header[loopHeader] != nil) && excluded(req.Header) {
 		atomic.AddInt64(&m.st.counts[skipped], 1)
 		return nil
 	}
@@ -169,6 +184,13 @@ func start(m *mirror, req *http.Request) *copyRequest {
 		count(m.st, rateLimited, nil)
 		return nil
 	}
+	return begin(m, req, withBody)
+}
+
+// begin takes what the copy needs now, since later middlewares may change the request in
+// place, and a slot, then sends the copy; it returns the copy if the primary must be followed
+// (see follow).
+func begin(m *mirror, req *http.Request, withBody bool) *copyRequest {
 	c := &copyRequest{
 		method:     req.Method,
 		path:       req.URL.Path,
@@ -177,31 +199,41 @@ func start(m *mirror, req *http.Request) *copyRequest {
 		host:       req.Host,
 		remoteAddr: req.RemoteAddr,
 		header:     req.Header.Clone(),
+		timeout:    m.cfg.timeout,
 	}
-	if withBody && req.ContentLength > 0 && req.ContentLength <= readAhead && req.Header["Expect"] == nil {
-		// Read before a slot is taken: a client that drips its body holds no slot meanwhile.
-		if !readBody(m, req, c) {
-			return nil
-		}
+	if withBody && (req.ContentLength < 0 || req.ContentLength > readAhead || req.Header["Expect"] != nil) {
+		return tee(m, req, c)
 	}
-	if atomic.AddInt64(&m.st.inflight, 1) > m.cfg.maxInflight {
-		atomic.AddInt64(&m.st.inflight, -1)
-		count(m.st, dropped, nil)
+	// Read before a slot is taken: a client that drips its body holds no slot meanwhile.
+	if withBody && !readBody(m, req, c) || !acquire(m) {
 		return nil
 	}
-	// The slot is owned by the copy from here on.
-	if m.cfg.compare != nil {
-		prepareCompare(m, req, c)
-	}
-	if withBody && c.body == nil {
-		c.tee = tee(m, req, c)
+	if m.cfg.compare != nil && prepareCompare(m, req, c) {
+		go send(m, c)
 		return c
 	}
 	go send(m, c)
-	return c
+	return nil
 }
 
-// isUpgrade says whether Connection carries the upgrade token, as Go's reverse proxy decides.
+// acquire takes a slot, owned by the copy from then on, unless every one is taken.
+func acquire(m *mirror) bool {
+	if atomic.AddInt64(&m.st.inflight, 1) > m.cfg.maxInflight {
+		atomic.AddInt64(&m.st.inflight, -1)
+		count(m.st, dropped, nil)
+		return false
+	}
+	return true
+}
+
+// excluded says whether a request carrying Connection or the loop header must not be copied:
+// an upgrade (Connection carries the upgrade token, as Go's reverse proxy decides), or a copy of
+// this process's own come back.
+func excluded(h http.Header) bool {
+	return h["Connection"] != nil && isUpgrade(h) || h[loopHeader] != nil && isOwnCopy(h[loopHeader])
+}
+
+// isUpgrade says whether Connection carries the upgrade token.
 func isUpgrade(h http.Header) bool {
 	for _, v := range h["Connection"] {
 		for _, token := range strings.Split(v, ",") {
@@ -231,16 +263,24 @@ func readBody(m *mirror, req *http.Request, c *copyRequest) bool {
 	return true
 }
 
-// tee copies a body as the primary reads it. The copy's deadline starts now: a body that is not
-// complete by then is abandoned, so that no client holds a slot longer than timeout.
-func tee(m *mirror, req *http.Request, c *copyRequest) *teeBody {
+// tee copies a body as the primary reads it, once it has a slot. The copy's deadline starts
+// now: a body that is not complete by then is abandoned, so that no client holds a slot longer
+// than timeout.
+func tee(m *mirror, req *http.Request, c *copyRequest) *copyRequest {
+	if !acquire(m) {
+		return nil
+	}
+	if m.cfg.compare != nil {
+		prepareCompare(m, req, c)
+	}
 	t := &teeBody{body: req.Body, m: m, c: c}
 	c.deadline = time.Now().Add(m.cfg.timeout)
 	t.mu.Lock()
 	t.timer = time.AfterFunc(m.cfg.timeout, t.expire)
 	t.mu.Unlock()
+	c.tee = t
 	req.Body = t
-	return t
+	return c
 }
 
 // teeBody keeps a copy of a body while the primary reads it, and sends the mirror copy when the
@@ -281,6 +321,7 @@ func (t *teeBody) observe(b []byte, err error) {
 	case err == io.EOF:
 		t.done = true
 		t.timer.Stop()
+		t.c.timeout = time.Until(t.c.deadline)
 		go send(t.m, t.c)
 	case err != nil:
 		t.finish(skipped)

@@ -22,6 +22,9 @@ var benchCases = []struct {
 	percent float64 // sampledOut: a tiny share, as percent 0 turns the middleware off
 }{
 	{"sampledOut", http.MethodGet, 0, 1e-6},
+	{"filtered", http.MethodGet, 0, 100},                  // pathRegex does not match
+	{"rateLimited", http.MethodGet, 0, 100},               // maxRate's budget is spent
+	{"POST_1KiB_compared", http.MethodPost, 1 << 10, 100}, // compare on
 	{"GET", http.MethodGet, 0, 100},
 	{"POST_1KiB", http.MethodPost, 1 << 10, 100},
 	{"POST_64KiB", http.MethodPost, 64 << 10, 100},
@@ -54,8 +57,15 @@ func BenchmarkServeHTTP(b *testing.B) {
 			cfg.URL = mirrorSrv.URL
 			cfg.Percent = bc.percent
 			cfg.MaxInflight = 1 << 20 // pacing below keeps copies in flight few; none is dropped
-			if bc.name == "POST_1KiB_dropped" {
+			switch bc.name {
+			case "POST_1KiB_dropped":
 				cfg.MaxInflight = 1
+			case "filtered":
+				cfg.PathRegex = "^/api/"
+			case "rateLimited":
+				cfg.MaxRate = 1e-6 // one copy, then none
+			case "POST_1KiB_compared":
+				cfg.Compare.Enabled = true
 			}
 			h, err := New(context.Background(), next, cfg, "bench-"+bc.name+"@file")
 			if err != nil {
@@ -71,7 +81,8 @@ func BenchmarkServeHTTP(b *testing.B) {
 			case "POST_1KiB_paused":
 				m.st.paused.Store(true)
 			}
-			paced := bc.percent == 100 && bc.size <= int(cfg.MaxBodySize) && held == 0 && !m.st.paused.Load()
+			paced := bc.percent == 100 && bc.size <= int(cfg.MaxBodySize) && held == 0 && !m.st.paused.Load() &&
+				cfg.PathRegex == "" && cfg.MaxRate == 0
 			sentBefore := m.st.get(sent)
 			body := []byte(strings.Repeat("b", bc.size))
 			rw := httptest.NewRecorder()

@@ -62,7 +62,7 @@ func FuzzCopyTarget(f *testing.F) {
 	h, err := New(context.Background(), http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
 		primary = r
 		primaryBody, _ = io.ReadAll(r.Body)
-	}), cfg, "fuzz@file")
+	}), cfg, testName(f))
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -79,7 +79,7 @@ func FuzzCopyTarget(f *testing.F) {
 			return // Go's server answers 400 itself
 		}
 		req.RemoteAddr = "192.0.2.1:1234"
-		notPath := req.URL.Opaque != "" || req.URL.Path != "" && req.URL.Path[0] != '/' || req.Method == http.MethodConnect
+		notPath := req.URL.Path == "" || req.URL.Path[0] != '/' || req.Method == http.MethodConnect
 		before := total(m)
 		primary, primaryBody = nil, nil
 		h.ServeHTTP(httptest.NewRecorder(), req)
@@ -116,7 +116,7 @@ func FuzzCopyTarget(f *testing.F) {
 		if !bytes.Equal(cBody, primaryBody) {
 			t.Fatalf("target %q: copy body %q, want %q", target, cBody, primaryBody)
 		}
-		if got := c.Header.Get(markerHeader); got != "fuzz@file" {
+		if got := c.Header.Get(markerHeader); got != testName(f) {
 			t.Fatalf("copy %s = %q", markerHeader, got)
 		}
 		if got := c.Header.Get(loopHeader); !strings.HasSuffix(got, processToken) {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -180,9 +181,18 @@ func (s *stack) inflight() int { return inflight(s.m) }
 
 func inflight(m *mirror) int { return int(atomic.LoadInt64(&m.st.inflight)) }
 
-// testName is a middleware name of the test's own: the state of a name is shared by every
-// instance in the process.
-func testName(t testing.TB) string { return t.Name() + "@file" }
+// testName is a middleware name of the test's own, the same for every call within one run of
+// the test (and another with -count): the state of a name is shared by every instance in the
+// process.
+func testName(t testing.TB) string {
+	name, _ := testNames.LoadOrStore(t, fmt.Sprintf("%s-%d@file", t.Name(), testRuns.Add(1)))
+	return name.(string)
+}
+
+var (
+	testNames sync.Map
+	testRuns  atomic.Int64
+)
 
 type syncBuffer struct {
 	mu  sync.Mutex
@@ -260,6 +270,29 @@ func TestNewRejectsBadConfiguration(t *testing.T) {
 		{"timeout negative", func(c *Config) { c.Timeout = "-1s" }, `invalid timeout "-1s": must be positive`},
 		{"maxBodySize below -1", func(c *Config) { c.MaxBodySize = -2 }, "invalid maxBodySize -2"},
 		{"maxInflight zero", func(c *Config) { c.MaxInflight = 0 }, "invalid maxInflight 0: must be at least 1"},
+		{"method with a space", func(c *Config) { c.Methods = []string{"GET", "PO ST"} }, `invalid methods "GET,PO ST": "PO ST" is not an HTTP method`},
+		{"pathRegex", func(c *Config) { c.PathRegex = "(" }, `invalid pathRegex "(": error parsing regexp`},
+		{"matchHeaders regex", func(c *Config) { c.MatchHeaders = map[string]string{"X-Canary": "["} }, `invalid matchHeaders "X-Canary": "[": error parsing regexp`},
+		{"matchHeaders name", func(c *Config) { c.MatchHeaders = map[string]string{"X Canary": "yes"} }, `invalid matchHeaders "X Canary": not a header name`},
+		{"sampleBy", func(c *Config) { c.SampleBy = "X:User" }, `invalid sampleBy "X:User": not a header name`},
+		{"setHeaders name", func(c *Config) { c.SetHeaders = map[string]string{"": "v"} }, `invalid setHeaders "": not a header name`},
+		{"setHeaders value", func(c *Config) { c.SetHeaders = map[string]string{"X-Key": "a\r\nEvil: 1"} }, `invalid setHeaders "X-Key": the value holds a line break`},
+		{"removeHeaders", func(c *Config) { c.RemoveHeaders = []string{"Cookie", "Bad Name"} }, `invalid removeHeaders "Cookie,Bad Name": "Bad Name" is not a header name`},
+		{"retries below 0", func(c *Config) { c.Retries = -1 }, "invalid retries -1: must be from 0 to 10"},
+		{"retries above 10", func(c *Config) { c.Retries = 11 }, "invalid retries 11"},
+		{"caFile missing", func(c *Config) { c.URL, c.CAFile = "https://mirror", "/nonexistent/ca.pem" }, `invalid caFile "/nonexistent/ca.pem": open /nonexistent/ca.pem`},
+		{"caFile not PEM", func(c *Config) { c.URL, c.CAFile = "https://mirror", "mirror.go" }, `invalid caFile "mirror.go": no PEM certificate in it`},
+		{"TLS option on http", func(c *Config) { c.InsecureSkipVerify = true }, `invalid insecureSkipVerify "true": url "http://127.0.0.1:1" is not https`},
+		{"serverName on http", func(c *Config) { c.ServerName = "shadow" }, `invalid serverName "shadow": url "http://127.0.0.1:1" is not https`},
+		{"maxRate below 0", func(c *Config) { c.MaxRate = -1 }, "invalid maxRate -1: must be 0 (no cap) or copies per second"},
+		{"maxRate NaN", func(c *Config) { c.MaxRate = math.NaN() }, "invalid maxRate NaN"},
+		{"metricsAddress without port", func(c *Config) { c.MetricsAddress = "127.0.0.1" }, `invalid metricsAddress "127.0.0.1": address 127.0.0.1: missing port in address`},
+		{"metricsAddress port", func(c *Config) { c.MetricsAddress = "127.0.0.1:http" }, `invalid metricsAddress "127.0.0.1:http": port must be a number`},
+		{"compare.maxBodySize", func(c *Config) { c.Compare.Enabled, c.Compare.MaxBodySize = true, -1 }, "invalid compare.maxBodySize -1"},
+		{"compare.percent", func(c *Config) { c.Compare.Enabled, c.Compare.Percent = true, 101 }, "invalid compare.percent 101"},
+		{"compare.ignoreHeaders", func(c *Config) { c.Compare.Enabled, c.Compare.IgnoreHeaders = true, []string{"A B"} }, `invalid compare.ignoreHeaders "A B"`},
+		{"compare.ignoreJSONPaths", func(c *Config) { c.Compare.Enabled, c.Compare.IgnoreJSONPaths = true, []string{"a..b"} }, `invalid compare.ignoreJSONPaths "a..b": empty segment`},
+		{"compare.logFile", func(c *Config) { c.Compare.Enabled, c.Compare.LogFile = true, "/nonexistent/dir/diff.log" }, `invalid compare.logFile "/nonexistent/dir/diff.log": open`},
 	}
 	for _, test := range tests {
 		t.Run(test.desc, func(t *testing.T) {
@@ -277,6 +310,64 @@ func TestNewRejectsBadConfiguration(t *testing.T) {
 			contains(t, err.Error(), "mirror: "+test.expErr)
 		})
 	}
+}
+
+// Options as Traefik's decoder delivers them: lists from comma strings, any case.
+func TestCompiledOptions(t *testing.T) {
+	cfg := CreateConfig()
+	cfg.URL = "https://shadow.internal:8443/v2/"
+	cfg.Methods = []string{"post", "PUT", ""}
+	cfg.MatchHeaders = map[string]string{"x-canary": "^yes$", "X-Tenant": "a|b"}
+	cfg.SetHeaders = map[string]string{"x-api-key": "shadow"}
+	cfg.RemoveHeaders = []string{"authorization", " Cookie"}
+	cfg.SampleBy = "x-user"
+	cfg.MaxRate = 0.5
+	cfg.InsecureSkipVerify = true
+	s, err := compile(cfg)
+	noError(t, err)
+	if !reflect.DeepEqual(s.methods, map[string]bool{"POST": true, "PUT": true}) {
+		t.Errorf("methods: got %v", s.methods)
+	}
+	equal(t, len(s.matchHeaders), 2, "matchHeaders")
+	equal(t, s.matchHeaders[0].name, "X-Canary", "matchHeaders[0] (sorted, canonical)")
+	equal(t, s.setHeaders.Get("X-Api-Key"), "shadow", "setHeaders")
+	equal(t, strings.Join(s.removeHeaders, ","), "Authorization,Cookie", "removeHeaders")
+	equal(t, s.sampleBy, "X-User", "sampleBy")
+	equal(t, s.basePath, "/v2", "base path")
+	equal(t, s.rateInterval, int64(2*time.Second), "rate interval at 0.5/s")
+	equal(t, s.rateTolerance, int64(0), "burst of one copy")
+	equal(t, s.filter && s.shape, true, "filter and shape")
+	equal(t, transportFor(s) != transportFor(s), false, "one transport per TLS setting")
+	cfg.InsecureSkipVerify = false
+	s2, err := compile(cfg)
+	noError(t, err)
+	equal(t, transportFor(s2), http.RoundTripper(sharedTransport), "no TLS option: the shared transport")
+}
+
+// The rate budget lets a burst of at most one second's worth through, then one copy per
+// interval.
+func TestRateBudget(t *testing.T) {
+	cfg := CreateConfig()
+	cfg.URL = "http://127.0.0.1:1"
+	cfg.MaxRate = 20
+	s, err := compile(cfg)
+	noError(t, err)
+	st := &state{}
+	allowed := 0
+	for i := 0; i < 100; i++ {
+		if allow(st, s.rateInterval, s.rateTolerance) {
+			allowed++
+		}
+	}
+	equal(t, allowed, 20, "copies allowed in a burst at maxRate 20")
+	atomic.AddInt64(&st.tat, -int64(time.Second)) // a second later
+	allowed = 0
+	for i := 0; i < 100; i++ {
+		if allow(st, s.rateInterval, s.rateTolerance) {
+			allowed++
+		}
+	}
+	equal(t, allowed, 20, "copies allowed a second later")
 }
 
 func TestNewAcceptsGoodConfiguration(t *testing.T) {
@@ -596,7 +687,7 @@ func TestMirrorFailuresNeverReachThePrimary(t *testing.T) {
 		t.Run(test.desc, func(t *testing.T) {
 			t.Parallel()
 			cfg := CreateConfig()
-			cfg.Timeout = "200ms"
+			cfg.Timeout = "1s" // within it, a refusal or a bad answer is seen even on a loaded machine
 			if test.expErr == "" {
 				cfg.Timeout = "5s"
 			}
@@ -782,11 +873,11 @@ func TestUnreadChunkedBodyReleasesSlot(t *testing.T) {
 
 func TestOutcomeLogIsRateLimited(t *testing.T) {
 	var stdout, stderr syncBuffer
-	o := stateFor("api@" + t.Name())
+	o := stateFor("api@" + testName(t))
 	o.debug = func(line string) { _, _ = stdout.Write([]byte(line + "\n")) }
 	o.error = func(line string) { _, _ = stderr.Write([]byte(line + "\n")) }
 	count(o, failed, fmt.Errorf("first"))
-	equal(t, stderr.String(), "mirror api@"+t.Name()+": failed=1 lastError=\"first\"\n", "stderr")
+	equal(t, stderr.String(), "mirror api@"+testName(t)+": failed=1 lastError=\"first\"\n", "stderr")
 	for i := 0; i < 4; i++ {
 		count(o, failed, fmt.Errorf("boom %d", i))
 		count(o, sent, nil)
@@ -795,21 +886,21 @@ func TestOutcomeLogIsRateLimited(t *testing.T) {
 	equal(t, strings.Count(stderr.String(), "\n"), 1, "stderr lines (no second line within the interval)")
 	// The pending line is written when the interval ends; bring that forward.
 	o.flush()
-	equal(t, stderr.String(), "mirror api@"+t.Name()+": failed=1 lastError=\"first\"\nmirror api@"+t.Name()+": sent=4 failed=4 dropped=1 lastError=\"boom 3\"\n", "stderr")
+	equal(t, stderr.String(), "mirror api@"+testName(t)+": failed=1 lastError=\"first\"\nmirror api@"+testName(t)+": sent=4 failed=4 dropped=1 lastError=\"boom 3\"\n", "stderr")
 	o.flush()
 	equal(t, strings.Count(stderr.String(), "\n"), 2, "stderr lines (nothing new, no line)")
 
 	o.nextLine.Store(0)
 	o.pending.Store(false)
 	count(o, sent, nil)
-	equal(t, stdout.String(), "mirror api@"+t.Name()+": sent=1\n", "stdout (successes go to DEBUG)")
+	equal(t, stdout.String(), "mirror api@"+testName(t)+": sent=1\n", "stdout (successes go to DEBUG)")
 
 	// A line carries the last error of its own interval, never an older one.
 	o.nextLine.Store(0)
 	o.pending.Store(false)
 	count(o, dropped, nil)
 	equal(t, stderr.String()[strings.LastIndex(stderr.String()[:len(stderr.String())-1], "\n")+1:],
-		"mirror api@"+t.Name()+": dropped=1\n", "the line after an interval without errors")
+		"mirror api@"+testName(t)+": dropped=1\n", "the line after an interval without errors")
 }
 
 // ERROR lines carry Traefik's timestamp only, not the log package's too.
@@ -895,6 +986,7 @@ func TestSlowBodyReleasesSlotAtTimeout(t *testing.T) {
 	s := newStack(t, cfg, nil)
 	for _, length := range []int64{-1, 1 << 20} {
 		t.Run(fmt.Sprint("ContentLength ", length), func(t *testing.T) {
+			eventually(t, func() bool { return s.inflight() == 0 }, "the last copy still holds the slot")
 			before := s.m.st.get(skipped)
 			req, pw := pipeRequest(length, nil)
 			defer pw.Close()
@@ -905,7 +997,9 @@ func TestSlowBodyReleasesSlotAtTimeout(t *testing.T) {
 					resp.Body.Close()
 				}
 			}()
-			_, err := pw.Write([]byte("a")) // then nothing more
+			// Then nothing more. (Enough for the client to send its headers: it flushes them with
+			// the first 4 KiB of a body of known length.)
+			_, err := pw.Write(bytes.Repeat([]byte("a"), 8<<10))
 			noError(t, err)
 			eventually(t, func() bool { return s.m.st.get(skipped) == before+1 }, "the slow body's copy was not abandoned")
 			equal(t, s.inflight(), 0, "copies in flight once abandoned")

@@ -5,6 +5,8 @@ go 1.25.0
 require (
 	github.com/compose-spec/compose-go/v2 v2.16.2
 	github.com/mitchellh/mapstructure v1.5.1-0.20231216201459-8508981c8b6c
+	github.com/prometheus/client_model v0.6.2
+	github.com/prometheus/common v0.65.0
 	github.com/stretchr/testify v1.12.1
 	github.com/traefik/paerser v0.2.2
 	github.com/traefik/yaegi v0.16.1

@@ -77,10 +77,15 @@ func (p *interpreted) handler(next http.Handler, config map[string]any, name str
 	return results[0].Interface().(http.Handler), nil
 }
 
-// asStrings turns every value into a string, as Traefik's file provider delivers them.
+// asStrings turns every value into a string, as Traefik's file provider delivers them (maps
+// stay maps, of strings).
 func asStrings(m map[string]any) map[string]any {
 	out := map[string]any{}
 	for k, v := range m {
+		if sub, ok := v.(map[string]any); ok {
+			out[k] = asStrings(sub)
+			continue
+		}
 		out[k] = fmt.Sprint(v)
 	}
 	return out

@@ -43,15 +43,34 @@ func decodePluginConfig(t *testing.T, options map[string]any) *mirror.Config {
 	return cfg
 }
 
-// fileExample is the middleware of example/dynamic.yml, decoded by Traefik's file provider.
+// fileExample is the mirror-api middleware of example/dynamic.yml, decoded by Traefik's file
+// provider.
 func fileExample(t *testing.T) (*dynamic.Configuration, *mirror.Config) {
+	t.Helper()
+	return fileMiddleware(t, "mirror-api")
+}
+
+func fileMiddleware(t *testing.T, name string) (*dynamic.Configuration, *mirror.Config) {
 	t.Helper()
 	conf := &dynamic.Configuration{}
 	require.NoError(t, file.Decode(examplePath("dynamic.yml"), conf))
-	mw := conf.HTTP.Middlewares["mirror-api"]
-	require.NotNil(t, mw)
+	mw := conf.HTTP.Middlewares[name]
+	require.NotNil(t, mw, name)
 	require.Contains(t, mw.Plugin, "mirror")
 	return conf, decodePluginConfig(t, mw.Plugin["mirror"])
+}
+
+// The shadow example sets the options that choose, shape, limit and compare the copies, as
+// Traefik decodes them from each form.
+func checkShadow(t *testing.T, form string, got *mirror.Config) {
+	t.Helper()
+	_, want := fileMiddleware(t, "mirror-shadow")
+	assert.Equal(t, []string{"POST", "PUT", "PATCH"}, got.Methods, form)
+	assert.Equal(t, map[string]string{"X-Canary": "^yes$"}, got.MatchHeaders, form)
+	assert.True(t, got.Compare.Enabled, form)
+	assert.Equal(t, []string{"meta.requestTime", "items.*.updatedAt"}, got.Compare.IgnoreJSONPaths, form)
+	got.URL, got.SetHeaders, got.MetricsAddress = want.URL, want.SetHeaders, want.MetricsAddress
+	assert.Equal(t, want, got, form)
 }
 
 func TestExampleFileProvider(t *testing.T) {
@@ -127,6 +146,9 @@ func TestExampleDockerCompose(t *testing.T) {
 	fromLabels.URL = fromFile.URL
 	assert.Equal(t, fromFile, fromLabels)
 	assert.Equal(t, []string{"mirror-api"}, conf.HTTP.Routers["api"].Middlewares)
+	shadow := decodePluginConfig(t, conf.HTTP.Middlewares["mirror-shadow"].Plugin["mirror"])
+	assert.Equal(t, map[string]string{"X-Api-Key": "shadow-key"}, shadow.SetHeaders)
+	checkShadow(t, "labels", shadow)
 
 	mirrorSvc, _ := project.GetService("mirror")
 	port := mirrorSvc.Environment["HTTP_PORT"]
@@ -151,8 +173,17 @@ func TestExampleKubernetes(t *testing.T) {
 	fromCRD := decodePluginConfig(t, options)
 	_, fromFile := fileExample(t)
 	assert.Equal(t, "http://api-shadow.default.svc.cluster.local:8080", fromCRD.URL)
-	fromCRD.URL = fromFile.URL
+	assert.Equal(t, ":8082", fromCRD.MetricsAddress, "the pod's port")
+	fromCRD.URL, fromCRD.MetricsAddress = fromFile.URL, fromFile.MetricsAddress
 	assert.Equal(t, fromFile, fromCRD)
+
+	var shadowMW v1alpha1.Middleware
+	require.NoError(t, yaml.UnmarshalStrict(read("middleware-shadow.yaml"), &shadowMW))
+	var shadowOptions map[string]any
+	require.NoError(t, json.Unmarshal(shadowMW.Spec.Plugin["mirror"].Raw, &shadowOptions))
+	shadow := decodePluginConfig(t, shadowOptions)
+	assert.Equal(t, map[string]string{"X-Api-Key": "urn:k8s:secret:api-shadow:api-key"}, shadow.SetHeaders, "a Secret reference")
+	checkShadow(t, "CRD", shadow)
 
 	var route v1alpha1.IngressRoute
 	require.NoError(t, yaml.UnmarshalStrict(read("ingressroute.yaml"), &route))

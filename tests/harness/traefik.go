@@ -24,13 +24,15 @@ const (
 	ExampleAPI     = "127.0.0.1:8080"
 	ExamplePrimary = "127.0.0.1:9001"
 	ExampleMirror  = "127.0.0.1:9002"
+	ExampleMetrics = "127.0.0.1:8082"
 )
 
 // Options says how to run Traefik.
 type Options struct {
 	// Dynamic is the dynamic configuration (YAML); empty means example/dynamic.yml.
 	Dynamic string
-	// Replace maps each example address to the one to use, in both configuration files.
+	// Replace maps each example address to the one to use, in both configuration files. The
+	// metrics address, unless given, becomes a free port: every Traefik gets its own.
 	Replace map[string]string
 	// Debug turns on Traefik's DEBUG log and its pprof endpoints (api.debug).
 	Debug bool
@@ -44,6 +46,8 @@ type Traefik struct {
 	Dir    string
 	WebURL string
 	APIURL string
+	// MetricsURL is where the example's middlewares serve their metrics.
+	MetricsURL string
 
 	cmd     *exec.Cmd
 	log     *SyncBuffer
@@ -67,7 +71,18 @@ func StartTraefik(o Options) (*Traefik, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "example"), 0o755); err != nil {
 		return nil, err
 	}
-	t := &Traefik{Dir: dir, log: &SyncBuffer{}, replace: o.Replace, done: make(chan struct{})}
+	replace := map[string]string{}
+	for from, to := range o.Replace {
+		replace[from] = to
+	}
+	if _, ok := replace[ExampleMetrics]; !ok {
+		free, err := FreeAddrs(1)
+		if err != nil {
+			return nil, err
+		}
+		replace[ExampleMetrics] = free[0]
+	}
+	t := &Traefik{Dir: dir, log: &SyncBuffer{}, replace: replace, done: make(chan struct{})}
 
 	static, err := os.ReadFile(filepath.Join(RepoRoot(), "example", "traefik.yml"))
 	if err != nil {
@@ -105,6 +120,7 @@ func StartTraefik(o Options) (*Traefik, error) {
 	entry := cfg["entryPoints"].(map[string]any)
 	t.WebURL = "http://" + entry["web"].(map[string]any)["address"].(string)
 	t.APIURL = "http://" + entry["traefik"].(map[string]any)["address"].(string)
+	t.MetricsURL = "http://" + replace[ExampleMetrics] + "/metrics"
 
 	t.cmd = exec.Command(bin, "--configFile=example/traefik.yml")
 	t.cmd.Dir = dir

@@ -1,6 +1,9 @@
 // Command demo runs Traefik with the plugin and the configuration in example/, between a demo
 // primary API and a demo mirror on 127.0.0.1, sends a few requests, and shows what the client
-// got next to what the mirror received. It then prints each mirrored request live until Ctrl-C.
+// got next to what the mirror received, and the middleware's metrics. It then prints each
+// mirrored request live until Ctrl-C. With -compare, the mirror is a new version of the API
+// that answers slightly differently, the middleware compares the answers, and the demo shows
+// the difference lines and the summary.
 // With DEMO_ONCE=1 it runs the scripted part only, on free ports, and exits non-zero if a copy is
 // missing or differs. Otherwise it uses the example's ports (8000, 8080, 9001, 9002) where they
 // are free, and free ports for those that are taken.
@@ -9,12 +12,14 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -53,28 +58,64 @@ func addrs(once bool, example ...string) (map[string]string, error) {
 	return out, nil
 }
 
+// api answers as the demo's order service; version 2 prices the tea differently.
+func api(version int) http.HandlerFunc {
+	return func(rw http.ResponseWriter, r *http.Request) {
+		price := 4.5
+		if version == 2 && strings.HasSuffix(r.URL.Path, "/42") {
+			price = 4.9
+		}
+		rw.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(rw).Encode(map[string]any{
+			"method": r.Method, "path": r.URL.Path, "item": "tea", "price": price,
+			"servedAt": time.Now().Format(time.RFC3339Nano), // differs in every answer: noise
+		})
+	}
+}
+
 func run() error {
+	compare := flag.Bool("compare", false, "the mirror is version 2 of the API; compare its answers")
+	flag.Parse()
 	once := os.Getenv("DEMO_ONCE") != ""
-	use, err := addrs(once, harness.ExampleWeb, harness.ExampleAPI, harness.ExamplePrimary, harness.ExampleMirror)
+	use, err := addrs(once, harness.ExampleWeb, harness.ExampleAPI, harness.ExamplePrimary, harness.ExampleMirror, harness.ExampleMetrics)
 	if err != nil {
 		return err
 	}
-	primary, err := harness.StartUpstream(use[harness.ExamplePrimary], 1000, func(rw http.ResponseWriter, r *http.Request) {
-		rw.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(rw).Encode(map[string]any{"service": "primary", "method": r.Method, "path": r.URL.Path})
-	})
+	primary, err := harness.StartUpstream(use[harness.ExamplePrimary], 1000, api(1))
 	if err != nil {
 		return fmt.Errorf("demo primary on %s: %w", use[harness.ExamplePrimary], err)
 	}
 	defer primary.Close()
-	mirror, err := harness.StartUpstream(use[harness.ExampleMirror], 1000, nil)
+	var mirrorAnswer http.HandlerFunc // the default: "ok"
+	if *compare {
+		mirrorAnswer = api(2)
+	}
+	mirror, err := harness.StartUpstream(use[harness.ExampleMirror], 1000, mirrorAnswer)
 	if err != nil {
 		return fmt.Errorf("demo mirror on %s: %w", use[harness.ExampleMirror], err)
 	}
 	defer mirror.Close()
 
+	opts := harness.Options{Replace: use}
+	var differences string
+	if *compare {
+		dir, err := os.MkdirTemp("", "traefik-mirror-demo-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		differences = filepath.Join(dir, "differences.log")
+		d, err := harness.ExampleDynamic()
+		if err != nil {
+			return err
+		}
+		d.Mirror("mirror-api", map[string]any{"compare": map[string]any{"enabled": true, "logFile": differences}})
+		opts.Dynamic = d.YAML()
+		opts.Debug = true // the summary line is at DEBUG level
+		fmt.Println("Compare mode: the mirror is version 2 of the API; the middleware compares its answers.")
+	}
 	fmt.Println("Starting Traefik with example/traefik.yml and example/dynamic.yml ...")
-	traefik, err := harness.StartTraefik(harness.Options{Replace: use})
+	traefik, err := harness.StartTraefik(opts)
 	if err != nil {
 		return err
 	}
@@ -92,6 +133,11 @@ func run() error {
 		{http.MethodPost, "/api/orders", "application/json", `{"customer":"ada","items":[{"sku":"tea","qty":2}]}`},
 		{http.MethodPut, "/api/orders/42", "application/json", `{"status":"shipped"}`},
 		{http.MethodDelete, "/api/orders/42", "", ""},
+	}
+	if *compare { // enough answers for the summary to name the noise
+		for i := 40; i < 48; i++ {
+			steps = append(steps, step{http.MethodGet, fmt.Sprintf("/api/orders/%d", i), "", ""})
+		}
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "REQUEST\tCLIENT GOT (from primary)\tMIRROR RECEIVED\tBODY\tX-Mirrored-By\tX-Forwarded-For\tAFTER PRIMARY")
@@ -131,6 +177,14 @@ func run() error {
 		return fmt.Errorf("%d of %d requests were not mirrored faithfully", problems, len(steps))
 	}
 	fmt.Println("\nEvery request reached the primary and an identical copy reached the mirror.")
+	if err := showMetrics(traefik.MetricsURL, len(steps)); err != nil {
+		return err
+	}
+	if *compare {
+		if err := showComparison(traefik, differences); err != nil {
+			return err
+		}
+	}
 
 	if once {
 		return nil
@@ -152,6 +206,69 @@ func run() error {
 			primary.Drain()
 		}
 	}
+}
+
+// showMetrics prints the middleware's request counts from its metrics endpoint.
+func showMetrics(url string, sent int) error {
+	want := fmt.Sprintf(`traefik_mirror_requests_total{middleware="mirror-api@file",outcome="sent"} %d`, sent)
+	var body string
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(body, want) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the metrics at %s do not show %d copies sent:\n%s", url, sent, body)
+		}
+		time.Sleep(50 * time.Millisecond)
+		resp, err := http.Get(url)
+		if err != nil {
+			continue
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		body = string(b)
+	}
+	fmt.Printf("\nMetrics (Prometheus format): %s\n", url)
+	for _, line := range strings.Split(body, "\n") {
+		if strings.HasPrefix(line, "traefik_mirror_requests_total{") && !strings.HasSuffix(line, " 0") {
+			fmt.Println("  " + line)
+		}
+	}
+	return nil
+}
+
+// showComparison prints the difference lines and the summary line, which the middleware writes
+// at most every 10 seconds.
+func showComparison(traefik *harness.Traefik, differences string) error {
+	fmt.Println("\nDifference lines (compare.logFile), one JSON object per differing answer:")
+	b, err := os.ReadFile(differences)
+	if err != nil {
+		return fmt.Errorf("no difference lines: %w", err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	for _, line := range lines {
+		fmt.Println("  " + line)
+	}
+	if !strings.Contains(string(b), `"name":"price"`) {
+		return fmt.Errorf("the price difference is not reported")
+	}
+	fmt.Println("\nWaiting for the summary line (at most 10 s) ...")
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(traefik.Log(), "probable noise") {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no summary line with the noise report")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	fmt.Println("Summary lines (Traefik's log, DEBUG level):")
+	for _, line := range strings.Split(traefik.Log(), "\n") {
+		if i := strings.Index(line, "mirror mirror-api@file: sent="); i >= 0 {
+			line = line[i:]
+			if end := strings.Index(line, "\x1b"); end >= 0 { // Traefik's colours and fields
+				line = line[:end]
+			}
+			fmt.Println("  " + line)
+		}
+	}
+	return nil
 }
 
 func query(q string) string {

@@ -1,6 +1,7 @@
 // Command loadbench measures the plugin through a real Traefik on 127.0.0.1 against Traefik with
-// no middleware and Traefik's built-in mirroring service, in alternation within one run
-// (none, builtin, plugin, none, builtin, plugin, ...), and prints Markdown tables of medians.
+// no middleware and Traefik's built-in mirroring service (at its default maxBodySize -1, and
+// bounded at 1 MiB), in alternation within one run (none, builtin, builtin-1MiB, plugin, then
+// the reverse, ...), and prints Markdown tables of medians.
 package main
 
 import (
@@ -37,15 +38,21 @@ type scenario struct {
 	modes    []string
 }
 
+var allModes = []string{"none", "builtin", "builtin-1MiB", "plugin"}
+
 var allScenarios = []scenario{
-	{"healthy-1KiB", 1 << 10, "healthy", 100, []string{"none", "builtin", "plugin"}},
-	{"healthy-64KiB", 64 << 10, "healthy", 100, []string{"none", "builtin", "plugin"}},
-	{"slow-500ms", 1 << 10, "slow", 100, []string{"none", "builtin", "plugin"}},
-	{"down", 1 << 10, "down", 100, []string{"none", "builtin", "plugin"}},
-	{"hung", 1 << 10, "hung", 100, []string{"none", "builtin", "plugin"}},
+	{"healthy-1KiB", 1 << 10, "healthy", 100, allModes},
+	{"healthy-64KiB", 64 << 10, "healthy", 100, allModes},
+	{"slow-500ms", 1 << 10, "slow", 100, allModes},
+	{"down", 1 << 10, "down", 100, allModes},
+	{"hung", 1 << 10, "hung", 100, allModes},
 	// percent 0 turns the middleware off; a tiny percent measures the sampling itself.
 	{"sampled-out", 1 << 10, "healthy", 0, []string{"none", "plugin"}},
 	{"sampled-0.01%", 1 << 10, "healthy", 0.01, []string{"none", "plugin"}},
+	// Over 64 KiB: the body is copied as the primary reads it, through the tee.
+	{"healthy-256KiB", 256 << 10, "healthy", 100, []string{"none", "builtin", "plugin"}},
+	// The client's side of a compared request, next to a copied one.
+	{"compare-1KiB", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-compare"}},
 }
 
 func main() {
@@ -53,7 +60,7 @@ func main() {
 	rounds := flag.Int("rounds", 6, "rounds of alternation (A B C, then C B A, ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
-	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, plugin (default: all)")
+	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, plugin (default: all)")
 	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of each Traefik during its first run")
 	flag.Parse()
 
@@ -198,12 +205,19 @@ func dynamicFor(mode string, sc scenario, primary, mirror string) string {
 	switch mode {
 	case "none":
 		d.Router("api", "/", "primary")
-	case "builtin":
+	case "builtin": // Traefik's default: no body limit, no buffer per request
+		d.Service("mirror-svc", "http://"+mirror)
+		d.MirroringService("mirrored", "primary", "mirror-svc", -1)
+		d.Router("api", "/", "mirrored")
+	case "builtin-1MiB":
 		d.Service("mirror-svc", "http://"+mirror)
 		d.MirroringService("mirrored", "primary", "mirror-svc", 1<<20)
 		d.Router("api", "/", "mirrored")
 	case "plugin":
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent})
+		d.Router("api", "/", "primary", "mirror-api")
+	case "plugin-compare":
+		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "compare": map[string]any{"enabled": true}})
 		d.Router("api", "/", "primary", "mirror-api")
 	}
 	return d.YAML()
@@ -426,7 +440,16 @@ func report(sc scenario, runs []*modeRun) {
 	if builtin := byName["builtin"]; builtin != nil {
 		fmt.Printf("; plugin/builtin: %s", ratios(plugin, builtin))
 	}
+	if bounded := byName["builtin-1MiB"]; bounded != nil {
+		fmt.Printf("; plugin/builtin-1MiB: %s", ratios(plugin, bounded))
+	}
 	fmt.Println()
+	if compared := byName["plugin-compare"]; compared != nil {
+		fmt.Printf("\nplugin-compare/plugin: %s; plugin-compare/none: %s\n", ratios(compared, plugin), ratios(compared, none))
+	}
+	if builtin := byName["builtin"]; builtin != nil {
+		fmt.Printf("\nbuiltin/none: %s\n", ratios(builtin, none))
+	}
 }
 
 // ratios compares two modes round by round (runs seconds apart, under the same machine load)

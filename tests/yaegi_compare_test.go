@@ -1,0 +1,73 @@
+package tests
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// The comparison interpreted: the capture of the primary's answer as compiled code writes it,
+// the JSON comparison, the difference line's encoding and the noise counts.
+func TestYaegiCompare(t *testing.T) {
+	p := loadInterpreted(t)
+	events := make(chan struct{})
+	primary := httptest.NewServer(jsonApp(false, events))
+	t.Cleanup(primary.Close)
+	shadow := httptest.NewServer(jsonApp(true, nil))
+	t.Cleanup(shadow.Close)
+	pu, err := url.Parse(primary.URL)
+	require.NoError(t, err)
+	logFile := filepath.Join(t.TempDir(), "diff.log")
+	h, err := p.handler(httputil.NewSingleHostReverseProxy(pu), map[string]any{
+		"url": shadow.URL, "compare": map[string]any{"enabled": "true", "logFile": logFile, "ignoreJSONPaths": "meta.timestamp"},
+	}, "cmp@file")
+	require.NoError(t, err)
+	front := httptest.NewServer(h)
+	t.Cleanup(front.Close)
+
+	const n = 10
+	for i := 0; i < n; i++ {
+		for _, path := range []string{"/same/1", "/field/2", "/noise/3"} {
+			resp, err := http.Get(front.URL + path)
+			require.NoError(t, err)
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			assert.Equal(t, http.StatusOK, resp.StatusCode)
+			assert.Contains(t, string(b), `"name":"tea"`)
+		}
+	}
+	require.Eventually(t, func() bool { return len(diffLines(t, logFile)) == n }, waitLimit, 10*time.Millisecond)
+	line := diffLines(t, logFile)[0]
+	assert.Equal(t, "cmp@file", line["middleware"])
+	assert.Equal(t, "/field/2", line["path"])
+	assert.Equal(t, []any{map[string]any{"kind": "json", "name": "price", "primary": "10", "mirror": "11"}}, line["differences"])
+
+	// An event stream is passed on event by event (the capture flushes every write).
+	resp, err := http.Get(front.URL + "/events")
+	require.NoError(t, err)
+	r := bufio.NewReader(resp.Body)
+	for i := 0; i < 3; i++ {
+		l, err := r.ReadString('\n')
+		require.NoError(t, err)
+		assert.Equal(t, fmt.Sprintf("data: %d\n", i), l)
+		_, _ = r.ReadString('\n')
+		events <- struct{}{}
+	}
+	resp.Body.Close()
+	waitLine(t, p.stdout, "mirror cmp@file: sent=")
+	_, err = os.Stat(logFile)
+	require.NoError(t, err)
+	assert.False(t, strings.Contains(p.stderr.String(), "panic"), p.stderr.String())
+}
