@@ -231,10 +231,10 @@ type side struct {
 
 // compareAnswer reads the mirror's answer up to the limit, waits for the primary's (within the
 // copy's deadline), compares them and counts the result. It runs in the copy's goroutine.
-func compareAnswer(ctx context.Context, m *mirror, c *copyRequest, resp *http.Response, began time.Time) {
+func compareAnswer(ctx context.Context, m *mirror, c *copyRequest, resp *http.Response) {
 	st, _ := m.st.compare.Load().(*compareStats)
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, c.capture.limit+1))
-	mir := side{code: resp.StatusCode, header: resp.Header, body: body, latency: time.Since(began)}
+	mir := side{code: resp.StatusCode, header: resp.Header, body: body, latency: time.Since(c.began)}
 	if int64(len(body)) > c.capture.limit {
 		mir.body, mir.over = body[:c.capture.limit], true
 	}

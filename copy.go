@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -62,9 +63,6 @@ var ownLoop = []string{processToken}
 
 // loopTokens is the loop header of a copy: the tokens it arrived with, then this process's.
 func loopTokens(values []string) []string {
-	if values == nil {
-		return ownLoop
-	}
 	tokens := strings.Split(strings.Join(values, ","), ",")
 	if len(tokens) >= maxLoopTokens {
 		tokens = tokens[len(tokens)-maxLoopTokens+1:]
@@ -134,6 +132,7 @@ type copyRequest struct {
 	tee     *teeBody // the body is copied as the primary reads it
 	capture *capture // the primary's answer, when this copy is compared
 
+	began   time.Time // when the copy was sent
 	outcome outcome
 	err     error
 }
@@ -146,25 +145,14 @@ func send(m *mirror, c *copyRequest) {
 
 	// Detached from the client's request: only the mirror's own deadline cancels the copy.
 	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
-	out, err := newCopy(ctx, m, c)
+	out := newCopy(ctx, m, c)
+	c.began = time.Now()
+	resp, err := m.transport.RoundTrip(out)
+	if err != nil || resp.StatusCode >= 500 && m.cfg.retries > 0 {
+		resp, err = retry(ctx, m, c, out, resp, err)
+	}
 	if err == nil {
-		began := time.Now()
-		var resp *http.Response
-		resp, err = m.transport.RoundTrip(out)
-		if err != nil || resp.StatusCode >= 500 && m.cfg.retries > 0 {
-			resp, err = retry(ctx, m, c, out, resp, err)
-		}
-		code := 0
-		if err == nil {
-			code = resp.StatusCode
-			answered(ctx, m, c, resp, began)
-			if code < 500 {
-				c.outcome = sent
-			} else {
-				err = fmt.Errorf("mirror answered %s", resp.Status)
-			}
-		}
-		observe(m.st, time.Since(began), code)
+		err = answered(ctx, m, c, resp)
 	}
 	cancel()
 	if err != nil {
@@ -172,16 +160,22 @@ func send(m *mirror, c *copyRequest) {
 	}
 }
 
-// answered reads the mirror's answer, at most maxDrain bytes of it so that its connection can
-// be reused (or what the comparison captures), and closes it.
-func answered(ctx context.Context, m *mirror, c *copyRequest, resp *http.Response, began time.Time) {
+// answered counts the mirror's answer and reads it, at most maxDrain bytes of it so that its
+// connection can be reused (or what the comparison captures), and closes it.
+func answered(ctx context.Context, m *mirror, c *copyRequest, resp *http.Response) error {
+	atomic.AddInt64(&m.st.codes[resp.StatusCode%maxCode], 1)
 	atomic.AddInt64(&m.st.copiedBytes, int64(len(c.body)))
 	if c.capture != nil {
-		compareAnswer(ctx, m, c, resp, began)
+		compareAnswer(ctx, m, c, resp)
 	} else {
 		_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
 	}
 	_ = resp.Body.Close()
+	if resp.StatusCode >= 500 {
+		return fmt.Errorf("mirror answered %s", resp.Status)
+	}
+	c.outcome = sent
+	return nil
 }
 
 // retry resends a copy after a connection error or a 502, 503 or 504, up to retries times,
@@ -226,14 +220,19 @@ func fail(m *mirror, c *copyRequest, err error) {
 	}
 }
 
-// settle is deferred by send: a panic in a goroutine the plugin started would kill Traefik.
+// settle is deferred by send: a panic in a goroutine the plugin started would kill Traefik. It
+// gives the slot back, and counts the copy and how long it took.
 func settle(m *mirror, c *copyRequest) {
 	if r := recover(); r != nil {
 		c.outcome = failed
 		c.err = panicked(r) // not in a tuple assignment: see serveCompared
 	}
-	atomic.AddInt64(&m.st.inflight, -1)
-	count(m.st, c.outcome, c.err)
+	st := m.st
+	atomic.AddInt64(&st.inflight, -1)
+	d := time.Since(c.began)
+	atomic.AddInt64(&st.durations[sort.SearchFloat64s(durationBuckets, d.Seconds())], 1)
+	atomic.AddInt64(&st.durationSum, int64(d))
+	count(st, c.outcome, c.err)
 }
 
 func panicked(r any) error { return fmt.Errorf("panic: %v", r) }
@@ -241,15 +240,13 @@ func panicked(r any) error { return fmt.Errorf("panic: %v", r) }
 // newCopy builds the copy as Traefik's proxy (net/http/httputil) builds the primary's request.
 // The request line comes as the primary gets it: Traefik's entry point has already turned the
 // query's semicolons into '&' (or %3B).
-func newCopy(ctx context.Context, m *mirror, c *copyRequest) (*http.Request, error) {
+func newCopy(ctx context.Context, m *mirror, c *copyRequest) *http.Request {
 	var body io.Reader
 	if c.body != nil {
 		body = bytes.NewReader(c.body)
 	}
-	out, err := http.NewRequestWithContext(ctx, c.method, m.cfg.base, body)
-	if err != nil {
-		return nil, err
-	}
+	// It cannot fail: the base was parsed in New, and Go's server accepts only valid methods.
+	out, _ := http.NewRequestWithContext(ctx, c.method, m.cfg.base, body)
 	// The URL is the mirror's, parsed in New, with the request's path and query put in its
 	// fields: nothing from the request is ever parsed as a scheme, host or user info.
 	out.URL.Path = m.cfg.basePath + c.path
@@ -285,9 +282,14 @@ func newCopy(ctx context.Context, m *mirror, c *copyRequest) (*http.Request, err
 	if m.cfg.shape {
 		shape(m, c, h, out)
 	}
-	h[loopHeader] = loopTokens(h[loopHeader]) // after shaping: loop protection is not optional
+	// After shaping: loop protection is not optional. (The common case inline: a call costs.)
+	if v := h[loopHeader]; v != nil {
+		h[loopHeader] = loopTokens(v)
+	} else {
+		h[loopHeader] = ownLoop
+	}
 	out.Header = h
-	return out, nil
+	return out
 }
 
 // shape applies removeHeaders, then setHeaders, then preserveHost.

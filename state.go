@@ -164,19 +164,6 @@ func allow(st *state, interval, tolerance int64) bool {
 	}
 }
 
-// observe records a copy that went out: how long it took and the mirror's status (0: none).
-func observe(st *state, d time.Duration, code int) {
-	i := sort.SearchFloat64s(durationBuckets, d.Seconds())
-	atomic.AddInt64(&st.durations[i], 1)
-	atomic.AddInt64(&st.durationSum, int64(d))
-	if code > 0 {
-		if code >= maxCode {
-			code = 0
-		}
-		atomic.AddInt64(&st.codes[code], 1)
-	}
-}
-
 // flush writes the counts since the last line.
 func (st *state) flush() {
 	defer func() { _ = recover() }() // runs in a timer goroutine: a panic would kill Traefik
