@@ -163,7 +163,7 @@ func send(m *mirror, c *copyRequest) {
 // answered counts the mirror's answer and reads it, at most maxDrain bytes of it so that its
 // connection can be reused (or what the comparison captures), and closes it.
 func answered(ctx context.Context, m *mirror, c *copyRequest, resp *http.Response) error {
-	atomic.AddInt64(&m.st.codes[resp.StatusCode%maxCode], 1)
+	atomic.AddInt64(&m.st.codes[resp.StatusCode], 1) // Go's client reads three digits only
 	atomic.AddInt64(&m.st.copiedBytes, int64(len(c.body)))
 	if c.capture != nil {
 		compareAnswer(ctx, m, c, resp)
@@ -192,7 +192,7 @@ func retry(ctx context.Context, m *mirror, c *copyRequest, out *http.Request, re
 		if deadline, _ := ctx.Deadline(); attempt == m.cfg.retries || ctx.Err() != nil || time.Until(deadline) < backoff {
 			return resp, err
 		}
-		if err == nil { // this answer is not the last: count it and let it go (observe counts the last)
+		if err == nil { // this answer is not the last: count it and let it go (answered counts the last)
 			atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
 			_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
 			_ = resp.Body.Close()

@@ -90,7 +90,7 @@ func writeMetrics(w *bufio.Writer, all []*state) {
 		_, _ = w.WriteString("traefik_mirror_copy_duration_seconds_sum{" + mw[i] + "} " + strconv.FormatFloat(sum, 'g', -1, 64) + "\n")
 		sample(w, "traefik_mirror_copy_duration_seconds_count", mw[i], cumulative)
 	}
-	family(w, "traefik_mirror_responses_total", "counter", "Answers of the mirror, by status code (0: a code of 600 or more).")
+	family(w, "traefik_mirror_responses_total", "counter", "Answers of the mirror, by status code.")
 	for i, st := range all {
 		for code := 0; code < maxCode; code++ {
 			if n := atomic.LoadInt64(&st.codes[code]); n > 0 {

@@ -208,11 +208,11 @@ func begin(m *mirror, req *http.Request, withBody bool) *copyRequest {
 	if withBody && !readBody(m, req, c) || !acquire(m) {
 		return nil
 	}
-	if m.cfg.compare != nil && prepareCompare(m, req, c) {
-		go send(m, c)
+	compared := m.cfg.compare != nil && prepareCompare(m, req, c)
+	go send(m, c)
+	if compared {
 		return c
 	}
-	go send(m, c)
 	return nil
 }
 

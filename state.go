@@ -35,8 +35,8 @@ const logInterval = 10 * time.Second
 // Prometheus client's defaults).
 var durationBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
 
-// maxCode bounds the status codes counted one by one; others count as 0.
-const maxCode = 600
+// maxCode bounds the status codes counted: Go's client accepts three digits only.
+const maxCode = 1000
 
 // state is everything of one middleware name that outlives its instances: Traefik builds an
 // instance per router and again on every configuration change, and all of them share it. It
