@@ -9,7 +9,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"net/http/httputil"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -163,7 +162,7 @@ func compareStack(t *testing.T, cfg *Config, primary, shadow http.HandlerFunc) (
 	cfg.Compare.Enabled = true
 	pu, err := url.Parse(p.URL)
 	noError(t, err)
-	h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, testName(t))
+	h, err := New(context.Background(), proxyTo(pu), cfg, testName(t))
 	noError(t, err)
 	m = h.(*mirror)
 	lines = &syncBuffer{}

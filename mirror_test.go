@@ -128,6 +128,15 @@ func (u *upstream) assertNothing(t *testing.T) {
 	}
 }
 
+// proxyTo is a reverse proxy to the primary, as Traefik's, with a transport of its own: tests
+// run in parallel, and httptest.Server.Close closes http.DefaultTransport's idle connections,
+// which can break another test's request on a shared one.
+func proxyTo(u *url.URL) *httputil.ReverseProxy {
+	p := httputil.NewSingleHostReverseProxy(u)
+	p.Transport = &http.Transport{}
+	return p
+}
+
 // stack is a client-facing server running the middleware in front of a reverse proxy to the
 // primary, as in Traefik.
 type stack struct {
@@ -147,7 +156,7 @@ func newStack(t *testing.T, cfg *Config, mirrorAnswer func(http.ResponseWriter, 
 	}
 	pu, err := url.Parse(s.primary.URL)
 	noError(t, err)
-	h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, testName(t))
+	h, err := New(context.Background(), proxyTo(pu), cfg, testName(t))
 	noError(t, err)
 	s.m = h.(*mirror)
 	s.m.st.error = func(line string) { _, _ = s.stderr.Write([]byte(line + "\n")) }
@@ -622,7 +631,7 @@ func TestCopyLeavesBeforePrimaryAnswers(t *testing.T) {
 		cfg := CreateConfig()
 		cfg.URL = mirrorSrv.URL
 		pu, _ := url.Parse(primary.URL)
-		h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, testName(t))
+		h, err := New(context.Background(), proxyTo(pu), cfg, testName(t))
 		noError(t, err)
 		front := httptest.NewServer(h)
 		t.Cleanup(front.Close)
@@ -768,7 +777,7 @@ func TestStreamingRequestBody(t *testing.T) {
 	cfg := CreateConfig()
 	cfg.URL = mirrorSrv.URL
 	pu, _ := url.Parse(primary.URL)
-	h, err := New(context.Background(), httputil.NewSingleHostReverseProxy(pu), cfg, testName(t))
+	h, err := New(context.Background(), proxyTo(pu), cfg, testName(t))
 	noError(t, err)
 	front := httptest.NewServer(fullDuplex(h))
 	t.Cleanup(front.Close)

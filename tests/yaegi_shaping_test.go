@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"net/http/httputil"
 	"net/url"
 	"strings"
 	"testing"
@@ -48,7 +47,7 @@ func yaegiShapingFront(t *testing.T, p *interpreted, config map[string]any, name
 	t.Cleanup(primary.Close)
 	pu, err := url.Parse(primary.URL)
 	require.NoError(t, err)
-	h, err := p.handler(httputil.NewSingleHostReverseProxy(pu), traefikValues(config).(map[string]any), name)
+	h, err := p.handler(proxyTo(pu), traefikValues(config).(map[string]any), name)
 	require.NoError(t, err)
 	front := httptest.NewServer(h)
 	t.Cleanup(front.Close)

@@ -103,6 +103,15 @@ type chunked struct{ r io.Reader }
 
 func (c chunked) Read(p []byte) (int, error) { return c.r.Read(p) }
 
+// proxyTo is a reverse proxy to the primary, as Traefik's, with a transport of its own:
+// httptest.Server.Close closes http.DefaultTransport's idle connections, which can break another
+// test's request on a shared one.
+func proxyTo(u *url.URL) *httputil.ReverseProxy {
+	p := httputil.NewSingleHostReverseProxy(u)
+	p.Transport = &http.Transport{}
+	return p
+}
+
 // yaegiStack is a loopback server running the interpreted middleware in front of a reverse
 // proxy to a recording primary, with a recording mirror.
 type yaegiStack struct {
@@ -127,7 +136,7 @@ func newYaegiStack(t *testing.T, p *interpreted, config map[string]any, name str
 	s.url = fmt.Sprint(config["url"])
 	pu, err := url.Parse(s.primary.URL)
 	require.NoError(t, err)
-	h, err := p.handler(httputil.NewSingleHostReverseProxy(pu), asStrings(config), name)
+	h, err := p.handler(proxyTo(pu), asStrings(config), name)
 	require.NoError(t, err)
 	s.front = httptest.NewServer(h)
 	t.Cleanup(s.front.Close)
@@ -416,7 +425,7 @@ func TestYaegiStreamingBody(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(mirrorSrv.Close)
 	pu, _ := url.Parse(primary.URL)
-	h, err := p.handler(httputil.NewSingleHostReverseProxy(pu), map[string]any{"url": mirrorSrv.URL}, "stream@file")
+	h, err := p.handler(proxyTo(pu), map[string]any{"url": mirrorSrv.URL}, "stream@file")
 	require.NoError(t, err)
 	front := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 		_ = http.NewResponseController(rw).EnableFullDuplex()

@@ -36,23 +36,26 @@ type scenario struct {
 	mirror   string // healthy, slow, down, hung
 	percent  float64
 	modes    []string
+	rate     float64 // requests per second offered, all connections together; 0: as fast as answered
 }
 
 var allModes = []string{"none", "builtin", "builtin-1MiB", "plugin"}
 
 var allScenarios = []scenario{
-	{"healthy-1KiB", 1 << 10, "healthy", 100, allModes},
-	{"healthy-64KiB", 64 << 10, "healthy", 100, allModes},
-	{"slow-500ms", 1 << 10, "slow", 100, allModes},
-	{"down", 1 << 10, "down", 100, allModes},
-	{"hung", 1 << 10, "hung", 100, allModes},
+	{"healthy-1KiB", 1 << 10, "healthy", 100, allModes, 0},
+	{"healthy-64KiB", 64 << 10, "healthy", 100, allModes, 0},
+	{"slow-500ms", 1 << 10, "slow", 100, allModes, 0},
+	{"down", 1 << 10, "down", 100, allModes, 0},
+	{"hung", 1 << 10, "hung", 100, allModes, 0},
 	// percent 0 turns the middleware off; a tiny percent measures the sampling itself.
-	{"sampled-out", 1 << 10, "healthy", 0, []string{"none", "plugin"}},
-	{"sampled-0.01%", 1 << 10, "healthy", 0.01, []string{"none", "plugin"}},
+	{"sampled-out", 1 << 10, "healthy", 0, []string{"none", "plugin"}, 0},
+	{"sampled-0.01%", 1 << 10, "healthy", 0.01, []string{"none", "plugin"}, 0},
 	// Over 64 KiB: the body is copied as the primary reads it, through the tee.
-	{"healthy-256KiB", 256 << 10, "healthy", 100, []string{"none", "builtin", "plugin"}},
+	{"healthy-256KiB", 256 << 10, "healthy", 100, []string{"none", "builtin", "plugin"}, 0},
 	// The client's side of a compared request, next to a copied one.
-	{"compare-1KiB", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-compare"}},
+	{"compare-1KiB", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-compare"}, 0},
+	// The same at a fixed rate well below saturation: the client's latency, not the CPU's.
+	{"compare-1KiB-paced", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-compare"}, 500},
 }
 
 func main() {
@@ -266,7 +269,7 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 	}
 	// Warm up each Traefik (connections, interpreter, caches).
 	for _, r := range runs {
-		load(r.traefik.WebURL, body, conns, duration/4)
+		load(r.traefik.WebURL, body, conns, duration/4, sc.rate)
 	}
 	for round := 0; round < rounds; round++ {
 		// A B C, then C B A, ...: no mode always runs first or last.
@@ -282,7 +285,7 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 				profile = make(chan error, 1)
 				go func() { profile <- r.profile(filepath.Join(profileDir, sc.name+"-"+r.name+".prof"), duration) }()
 			}
-			r.runs = append(r.runs, r.measure(body, conns, duration, sc.mirror == "healthy"))
+			r.runs = append(r.runs, r.measure(body, conns, duration, sc.mirror == "healthy", sc.rate))
 			if round == rounds-1 { // right after this mode's last run, whatever runs after it
 				r.openEnd = r.mirror.open()
 			}
@@ -304,10 +307,10 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 	return nil
 }
 
-func (r *modeRun) measure(body []byte, conns int, duration time.Duration, settle bool) measure {
+func (r *modeRun) measure(body []byte, conns int, duration time.Duration, settle bool, rate float64) measure {
 	st0, _ := r.traefik.Stats()
 	p0, m0 := r.primary.requests.Load(), r.mirrorCount()
-	results, elapsed := load(r.traefik.WebURL, body, conns, duration)
+	results, elapsed := load(r.traefik.WebURL, body, conns, duration, rate)
 	st1, _ := r.traefik.Stats()
 	if settle { // copies still in flight when the load stopped
 		deadline := time.Now().Add(2 * time.Second)
@@ -357,8 +360,9 @@ func (r *modeRun) mirrorCount() int64 {
 	return r.mirror.sink.requests.Load()
 }
 
-// load runs a closed loop of conns workers posting body for duration.
-func load(url string, body []byte, conns int, duration time.Duration) ([]harness.Result, time.Duration) {
+// load runs a closed loop of conns workers posting body for duration; with rate > 0, each worker
+// starts its requests on a schedule of conns/rate seconds apart (later if an answer is late).
+func load(url string, body []byte, conns int, duration time.Duration, rate float64) ([]harness.Result, time.Duration) {
 	client := harness.Client(conns)
 	defer client.CloseIdleConnections()
 	var mu sync.Mutex
@@ -368,17 +372,27 @@ func load(url string, body []byte, conns int, duration time.Duration) ([]harness
 	var wg sync.WaitGroup
 	for w := 0; w < conns; w++ {
 		wg.Add(1)
-		go func() {
+		go func(w int) {
 			defer wg.Done()
 			var mine []harness.Result
+			var interval time.Duration
+			next := start
+			if rate > 0 {
+				interval = time.Duration(float64(conns) / rate * float64(time.Second))
+				next = start.Add(interval * time.Duration(w) / time.Duration(conns))
+			}
 			for time.Now().Before(deadline) {
+				if interval > 0 {
+					time.Sleep(time.Until(next))
+					next = next.Add(interval)
+				}
 				req, _ := http.NewRequest(http.MethodPost, url+"/bench", bytes.NewReader(body))
 				mine = append(mine, harness.Do(client, req))
 			}
 			mu.Lock()
 			all = append(all, mine...)
 			mu.Unlock()
-		}()
+		}(w)
 	}
 	wg.Wait()
 	return all, time.Since(start)
@@ -399,7 +413,11 @@ func pick(r *modeRun, f func(measure) float64) float64 {
 }
 
 func report(sc scenario, runs []*modeRun) {
-	fmt.Printf("\n## %s (mirror %s, %d B bodies, percent %v)\n\n", sc.name, sc.mirror, sc.bodySize, sc.percent)
+	paced := ""
+	if sc.rate > 0 {
+		paced = fmt.Sprintf(", paced at %v requests/s", sc.rate)
+	}
+	fmt.Printf("\n## %s (mirror %s, %d B bodies, percent %v%s)\n\n", sc.name, sc.mirror, sc.bodySize, sc.percent, paced)
 	fmt.Println("| mode | req/s | p50 | p99 | errors | Traefik CPU/req | peak RSS | copies/primary | bad copies | mirror conns after |")
 	fmt.Println("|---|---|---|---|---|---|---|---|---|---|")
 	vals := map[string]map[string]float64{}
