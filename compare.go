@@ -110,6 +110,7 @@ type compareStats struct {
 	mu              sync.Mutex
 	reported        [numResults]int64
 	headersOnly     int64            // compared by status and headers: a body over the limit
+	reportedHeaders int64            // headersOnly at the last line
 	noise           map[string]int64 // differences by field ("json meta.timestamp", "header Etag")
 	primary, mirror []float64        // latency rings, in seconds
 	next            int
@@ -124,7 +125,8 @@ func enableCompare(st *state) {
 // capture takes the primary's status, headers and first body bytes as they go to the client,
 // without holding any back: every Write is passed on and flushed at once, as Traefik's proxy
 // flushes a streamed answer, since compiled code cannot see a Flush method on an interpreted
-// writer.
+// writer; but for the write that completes a body of known length, which the server sends as
+// the handler returns, as it would without the capture.
 type capture struct {
 	rw    http.ResponseWriter
 	rc    *http.ResponseController
@@ -132,6 +134,8 @@ type capture struct {
 
 	code     int
 	header   http.Header
+	length   int64 // the answer's Content-Length; -1: unknown
+	written  int64
 	body     []byte
 	over     bool // the body was longer than limit
 	streamed bool // text/event-stream or gRPC: not compared
@@ -194,6 +198,10 @@ func (w *capture) WriteHeader(code int) {
 		w.code = code
 		w.header = w.rw.Header().Clone()
 		w.streamed = isStream(w.header.Get("Content-Type"))
+		w.length = -1
+		if n, err := strconv.ParseInt(w.header.Get("Content-Length"), 10, 64); err == nil {
+			w.length = n
+		}
 	}
 	w.rw.WriteHeader(code)
 }
@@ -210,7 +218,10 @@ func (w *capture) Write(b []byte) (int, error) {
 		}
 		w.body = append(w.body, b[:keep]...)
 	}
-	_ = w.rc.Flush()
+	w.written += int64(n)
+	if w.length < 0 || w.written < w.length {
+		_ = w.rc.Flush()
+	}
 	return n, err
 }
 
@@ -470,15 +481,19 @@ func index(a []any, i int) any {
 
 // sameJSON compares two scalars, or values of different kinds.
 func sameJSON(p, q any) bool {
-	switch p.(type) {
-	case map[string]any, []any:
-		return false // q is of another kind, or diffJSON would have walked it
+	return !isContainer(p) && !isContainer(q) && p == q
+}
+
+// isContainer says whether a JSON value is an object or an array. (A case each: Yaegi v0.16.1
+// misreads case lists.)
+func isContainer(v any) bool {
+	switch v.(type) {
+	case map[string]any:
+		return true
+	case []any:
+		return true
 	}
-	switch q.(type) {
-	case map[string]any, []any:
-		return false
-	}
-	return p == q
+	return false
 }
 
 func jsonDifference(path []string, p, q any, inP, inQ bool) difference {
@@ -612,9 +627,10 @@ func (cs *compareStats) summary() string {
 		parts = append(parts, "primaryP50="+percentile(cs.primary, 0.5), "primaryP99="+percentile(cs.primary, 0.99),
 			"mirrorP50="+percentile(cs.mirror, 0.5), "mirrorP99="+percentile(cs.mirror, 0.99))
 	}
-	if cs.headersOnly > 0 {
-		parts = append(parts, "bodyOverLimit="+strconv.FormatInt(cs.headersOnly, 10))
+	if d := cs.headersOnly - cs.reportedHeaders; d > 0 {
+		parts = append(parts, "bodyOverLimit="+strconv.FormatInt(d, 10))
 	}
+	cs.reportedHeaders = cs.headersOnly
 	var noisy []string
 	if compared >= noiseMinimum {
 		for key, n := range cs.noise {

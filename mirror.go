@@ -75,12 +75,17 @@ func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	serve(m, rw, req)
 }
 
-// gate applies sampleBy and the filters, which only some middlewares have.
+// gate applies sampleBy and the filters, which only some middlewares have: the method, the
+// path (not the query), and each matchHeaders header, of which one value must match. (No call
+// for the method and the path: each call costs under Yaegi. One expression, not a case list:
+// Yaegi v0.16.1 misreads "case a, b:" in a switch without a tag.)
 func gate(m *mirror, rw http.ResponseWriter, req *http.Request) {
 	switch {
 	case m.cfg.byShare < 1 && !sampledBy(m, req):
 		atomic.AddInt64(&m.st.counts[sampledOut], 1)
-	case m.cfg.filter && !wanted(m, req):
+	case m.cfg.methods != nil && !m.cfg.methods[req.Method] ||
+		m.cfg.pathRegex != nil && !m.cfg.pathRegex.MatchString(req.URL.Path) ||
+		m.cfg.matchHeaders != nil && !matchHeaders(m, req):
 		atomic.AddInt64(&m.st.counts[filtered], 1)
 	default:
 		serve(m, rw, req)
@@ -101,12 +106,8 @@ func sampledBy(m *mirror, req *http.Request) bool {
 	return float64(binary.BigEndian.Uint64(sum[:8])) < m.cfg.byShare*(1<<64)
 }
 
-// wanted says whether a request passes the filters: its method, its path (not the query), and
-// each matchHeaders header, of which one value must match.
-func wanted(m *mirror, req *http.Request) bool {
-	if m.cfg.methods != nil && !m.cfg.methods[req.Method] || m.cfg.pathRegex != nil && !m.cfg.pathRegex.MatchString(req.URL.Path) {
-		return false
-	}
+// matchHeaders says whether every matchHeaders header has a value that matches.
+func matchHeaders(m *mirror, req *http.Request) bool {
 	for _, hm := range m.cfg.matchHeaders {
 		if !matchesAny(hm.re, req.Header[hm.name]) {
 			return false

@@ -34,6 +34,8 @@ func jsonApp(shadow bool, events chan struct{}) http.HandlerFunc {
 			if shadow {
 				doc["items"] = []any{map[string]any{"sku": "a", "qty": 2}}
 			}
+		case strings.HasPrefix(r.URL.Path, "/kinds/") && shadow: // an array became an object
+			doc["items"] = map[string]any{"sku": "a", "qty": 1}
 		case strings.HasPrefix(r.URL.Path, "/noise/"):
 			doc["meta"] = map[string]any{"timestamp": time.Now().UnixNano()}
 		case strings.HasPrefix(r.URL.Path, "/status/"):

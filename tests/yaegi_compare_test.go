@@ -64,8 +64,16 @@ func TestYaegiCompare(t *testing.T) {
 	assert.Equal(t, "/field/2", line["path"])
 	assert.Equal(t, []any{map[string]any{"kind": "json", "name": "price", "primary": "10", "mirror": "11"}}, line["differences"])
 
+	// An array against an object: the type switches of the JSON comparison, interpreted.
+	resp, err := http.Get(front.URL + "/kinds/4")
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Eventually(t, func() bool { return len(diffLines(t, logFile)) == n+1 }, waitLimit, 10*time.Millisecond)
+	assert.Equal(t, []any{map[string]any{"kind": "json", "name": "items", "primary": `[{"qty":1,"sku":"a"}]`, "mirror": `{"qty":1,"sku":"a"}`}},
+		diffLines(t, logFile)[n]["differences"])
+
 	// An event stream is passed on event by event (the capture flushes every write).
-	resp, err := http.Get(front.URL + "/events")
+	resp, err = http.Get(front.URL + "/events")
 	require.NoError(t, err)
 	r := bufio.NewReader(resp.Body)
 	for i := 0; i < 3; i++ {
