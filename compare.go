@@ -123,24 +123,21 @@ func enableCompare(st *state) {
 }
 
 // capture takes the primary's status, headers and first body bytes as they go to the client,
-// without holding any back: every Write is passed on and flushed at once, as Traefik's proxy
-// flushes a streamed answer, since compiled code cannot see a Flush method on an interpreted
-// writer; but for the write that completes a body of known length, which the server sends as
-// the handler returns, as it would without the capture.
+// without holding any back. Every write of an answer without Content-Length (a stream: events,
+// gRPC, a chunked body) is passed on and flushed at once, as Traefik's proxy flushes such an
+// answer, since compiled code cannot see a Flush method on an interpreted writer. The capture
+// does as little as it can: what is only needed for the comparison is worked out later, in the
+// copy's goroutine.
 type capture struct {
 	rw    http.ResponseWriter
-	rc    *http.ResponseController
 	limit int64
 
-	code     int
-	header   http.Header
-	length   int64 // the answer's Content-Length; -1: unknown
-	written  int64
-	body     []byte
-	over     bool // the body was longer than limit
-	streamed bool // text/event-stream or gRPC: not compared
-	began    time.Time
-	latency  time.Duration
+	code    int
+	header  http.Header
+	body    []byte
+	over    bool // the body was longer than limit
+	began   time.Time
+	latency time.Duration
 
 	// answered is cancelled once the primary has answered (finished is then true), or at the
 	// copy's deadline. (A context, not a select on two channels: Yaegi v0.16.1 runs a select
@@ -152,14 +149,9 @@ type capture struct {
 
 // prepareCompare decides whether this copy is compared, before its goroutine starts, and says
 // whether it is.
-func prepareCompare(m *mirror, req *http.Request, c *copyRequest) bool {
+func prepareCompare(m *mirror, c *copyRequest) bool {
 	cmp := m.cfg.compare
 	if cmp.share < 1 && rand.Float64() >= cmp.share {
-		return false
-	}
-	st, _ := m.st.compare.Load().(*compareStats)
-	if isStream(req.Header.Get("Accept")) || isStream(req.Header.Get("Content-Type")) {
-		atomic.AddInt64(&st.results[notCompared], 1)
 		return false
 	}
 	w := &capture{limit: cmp.maxBodySize}
@@ -176,9 +168,10 @@ func isStream(contentType string) bool {
 func serveCompared(m *mirror, rw http.ResponseWriter, req *http.Request, c *copyRequest) {
 	w := c.capture
 	w.rw = rw // one assignment each: Yaegi v0.16.1 leaves an interface field nil in a tuple assignment
-	w.rc = http.NewResponseController(rw)
 	w.began = time.Now()
-	defer w.finish() // even if the primary panics: the copy waits for it
+	// Deferred: Go's reverse proxy panics (http.ErrAbortHandler) when the client goes away
+	// during the answer, and the copy must not wait for the primary until its deadline.
+	defer w.finish()
 	m.next.ServeHTTP(w, req)
 	if c.tee != nil {
 		c.tee.abandon()
@@ -197,11 +190,6 @@ func (w *capture) WriteHeader(code int) {
 	if code >= 200 && w.code == 0 {
 		w.code = code
 		w.header = w.rw.Header().Clone()
-		w.streamed = isStream(w.header.Get("Content-Type"))
-		w.length = -1
-		if n, err := strconv.ParseInt(w.header.Get("Content-Length"), 10, 64); err == nil {
-			w.length = n
-		}
 	}
 	w.rw.WriteHeader(code)
 }
@@ -211,22 +199,21 @@ func (w *capture) Write(b []byte) (int, error) {
 		w.WriteHeader(http.StatusOK)
 	}
 	n, err := w.rw.Write(b)
-	if !w.streamed && !w.over {
+	if !w.over {
 		keep := int64(n)
 		if room := w.limit - int64(len(w.body)); keep > room {
 			keep, w.over = room, true
 		}
 		w.body = append(w.body, b[:keep]...)
 	}
-	w.written += int64(n)
-	if w.length < 0 || w.written < w.length {
-		_ = w.rc.Flush()
+	if w.header["Content-Length"] == nil {
+		_ = http.NewResponseController(w.rw).Flush()
 	}
 	return n, err
 }
 
 // Flush and Unwrap serve interpreted callers; compiled ones never see them.
-func (w *capture) Flush() { _ = w.rc.Flush() }
+func (w *capture) Flush() { _ = http.NewResponseController(w.rw).Flush() }
 
 // Unwrap returns the writer the capture passes everything to.
 func (w *capture) Unwrap() http.ResponseWriter { return w.rw }
@@ -257,7 +244,7 @@ func compareAnswer(ctx context.Context, m *mirror, c *copyRequest, resp *http.Re
 		atomic.AddInt64(&st.results[notCompared], 1)
 		return
 	}
-	if w.streamed || w.code == 0 || isStream(mir.header.Get("Content-Type")) {
+	if w.code == 0 || isStream(w.header.Get("Content-Type")) || isStream(mir.header.Get("Content-Type")) {
 		atomic.AddInt64(&st.results[notCompared], 1)
 		return
 	}

@@ -209,7 +209,7 @@ func begin(m *mirror, req *http.Request, withBody bool) *copyRequest {
 	if withBody && !readBody(m, req, c) || !acquire(m) {
 		return nil
 	}
-	compared := m.cfg.compare != nil && prepareCompare(m, req, c)
+	compared := m.cfg.compare != nil && prepareCompare(m, c)
 	go send(m, c)
 	if compared {
 		return c
@@ -272,7 +272,7 @@ func tee(m *mirror, req *http.Request, c *copyRequest) *copyRequest {
 		return nil
 	}
 	if m.cfg.compare != nil {
-		prepareCompare(m, req, c)
+		prepareCompare(m, c)
 	}
 	t := &teeBody{body: req.Body, m: m, c: c}
 	c.deadline = time.Now().Add(m.cfg.timeout)

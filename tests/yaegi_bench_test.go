@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"runtime"
+	"sort"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -110,5 +111,56 @@ func paceCopies(b *testing.B, sent, limit int, received func() int) {
 			b.Fatalf("%d copies still in flight after 10s", sent-received())
 		}
 		runtime.Gosched()
+	}
+}
+
+// BenchmarkYaegiClientPath times what the client waits for: ServeHTTP alone, with compare off
+// and on (the capture of the primary's answer), each request after the previous copy arrived.
+// client-µs is the median; the copy's own work runs afterwards, in its goroutine.
+func BenchmarkYaegiClientPath(b *testing.B) {
+	p := loadInterpreted(b)
+	var received atomic.Int64
+	mirrorSrv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		rw.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(rw, `{"ok":"yes"}`+"\n")
+		received.Add(1)
+	}))
+	defer mirrorSrv.Close()
+	next := http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
+		rw.Header().Set("Content-Type", "application/json")
+		rw.Header().Set("Content-Length", "13")
+		rw.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(rw, `{"ok":"yes"}`+"\n")
+	})
+	for _, bc := range []struct {
+		name   string
+		config map[string]any
+	}{
+		{"POST_1KiB", nil},
+		{"POST_1KiB_compared", map[string]any{"compare": map[string]any{"enabled": true}}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			config := map[string]any{"url": mirrorSrv.URL}
+			for k, v := range bc.config {
+				config[k] = v
+			}
+			h, err := p.handler(next, asStrings(config), "client-"+bc.name+"@file")
+			if err != nil {
+				b.Fatal(err)
+			}
+			body := bytes.Repeat([]byte("b"), 1<<10)
+			took := make([]time.Duration, 0, b.N)
+			for i := 0; i < b.N; i++ {
+				before := received.Load()
+				req := httptest.NewRequest(http.MethodPost, "/bench", bytes.NewReader(body))
+				start := time.Now()
+				h.ServeHTTP(httptest.NewRecorder(), req)
+				took = append(took, time.Since(start))
+				paceCopies(b, 1, 1, func() int { return int(received.Load() - before) })
+			}
+			sort.Slice(took, func(i, j int) bool { return took[i] < took[j] })
+			b.ReportMetric(float64(took[len(took)/2].Nanoseconds())/1000, "client-µs")
+		})
 	}
 }
