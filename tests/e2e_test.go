@@ -31,6 +31,21 @@ type e2e struct {
 // example/dynamic.yml as it is); example addresses are replaced with free loopback ports.
 func startE2E(t *testing.T, d *harness.Dynamic, routers ...string) *e2e {
 	t.Helper()
+	return startE2EWith(t, e2eOpts{dynamic: d, routers: routers})
+}
+
+// e2eOpts says how startE2EWith runs Traefik.
+type e2eOpts struct {
+	dynamic *harness.Dynamic
+	yaml    string // instead of dynamic
+	static  func(cfg map[string]any)
+	replace map[string]string // more example addresses replaced
+	routers []string          // to wait for (default: api)
+	noWait  bool              // do not wait for the routers (the caller does)
+}
+
+func startE2EWith(t *testing.T, o e2eOpts) *e2e {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("real Traefik tests are skipped in -short mode")
 	}
@@ -44,19 +59,26 @@ func startE2E(t *testing.T, d *harness.Dynamic, routers ...string) *e2e {
 	t.Cleanup(e.mirror.Close)
 	addrs, err := harness.FreeAddrs(2)
 	require.NoError(t, err)
-	web, api := addrs[0], addrs[1]
+	replace := map[string]string{
+		harness.ExampleWeb: addrs[0], harness.ExampleAPI: addrs[1],
+		harness.ExamplePrimary: e.primary.Addr, harness.ExampleMirror: e.mirror.Addr,
+	}
+	for k, v := range o.replace {
+		replace[k] = v
+	}
 	opts := harness.Options{
-		Debug: true,
-		Replace: map[string]string{
-			harness.ExampleWeb: web, harness.ExampleAPI: api,
-			harness.ExamplePrimary: e.primary.Addr, harness.ExampleMirror: e.mirror.Addr,
-		},
+		Debug:   true,
+		Replace: replace,
 		Static: func(cfg map[string]any) {
 			cfg["providers"].(map[string]any)["providersThrottleDuration"] = "10ms"
+			if o.static != nil {
+				o.static(cfg)
+			}
 		},
+		Dynamic: o.yaml,
 	}
-	if d != nil {
-		opts.Dynamic = d.YAML()
+	if o.dynamic != nil {
+		opts.Dynamic = o.dynamic.YAML()
 	}
 	e.traefik, err = harness.StartTraefik(opts)
 	require.NoError(t, err)
@@ -66,10 +88,13 @@ func startE2E(t *testing.T, d *harness.Dynamic, routers ...string) *e2e {
 		}
 		e.traefik.Stop()
 	})
-	if len(routers) == 0 {
-		routers = []string{"api"}
+	if !o.noWait {
+		routers := o.routers
+		if len(routers) == 0 {
+			routers = []string{"api"}
+		}
+		require.NoError(t, e.traefik.WaitRouters("enabled", routers...))
 	}
-	require.NoError(t, e.traefik.WaitRouters("enabled", routers...))
 	return e
 }
 

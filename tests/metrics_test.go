@@ -237,71 +237,6 @@ func waitScrape(t *testing.T, target string, ok func(s *scrape) bool, what strin
 	return nil
 }
 
-// metricsOpts says how startMetricsE2E runs Traefik: startE2E's setup, with edits of its own
-// to the static configuration and more example addresses replaced.
-type metricsOpts struct {
-	dynamic *harness.Dynamic
-	yaml    string // instead of dynamic
-	static  func(cfg map[string]any)
-	replace map[string]string
-	routers []string
-	noWait  bool // do not wait for the routers (the caller does)
-}
-
-func startMetricsE2E(t *testing.T, o metricsOpts) *e2e {
-	t.Helper()
-	if testing.Short() {
-		t.Skip("real Traefik tests are skipped in -short mode")
-	}
-	e := &e2e{client: harness.Client(64)}
-	var err error
-	e.primary, err = harness.StartUpstream("127.0.0.1:0", 10000, nil)
-	require.NoError(t, err)
-	t.Cleanup(e.primary.Close)
-	e.mirror, err = harness.StartUpstream("127.0.0.1:0", 10000, nil)
-	require.NoError(t, err)
-	t.Cleanup(e.mirror.Close)
-	addrs, err := harness.FreeAddrs(2)
-	require.NoError(t, err)
-	replace := map[string]string{
-		harness.ExampleWeb: addrs[0], harness.ExampleAPI: addrs[1],
-		harness.ExamplePrimary: e.primary.Addr, harness.ExampleMirror: e.mirror.Addr,
-	}
-	for k, v := range o.replace {
-		replace[k] = v
-	}
-	opts := harness.Options{
-		Debug:   true,
-		Replace: replace,
-		Static: func(cfg map[string]any) {
-			cfg["providers"].(map[string]any)["providersThrottleDuration"] = "10ms"
-			if o.static != nil {
-				o.static(cfg)
-			}
-		},
-		Dynamic: o.yaml,
-	}
-	if o.dynamic != nil {
-		opts.Dynamic = o.dynamic.YAML()
-	}
-	e.traefik, err = harness.StartTraefik(opts)
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("traefik log:\n%s", e.traefik.Log())
-		}
-		e.traefik.Stop()
-	})
-	if !o.noWait {
-		routers := o.routers
-		if len(routers) == 0 {
-			routers = []string{"api"}
-		}
-		require.NoError(t, e.traefik.WaitRouters("enabled", routers...))
-	}
-	return e
-}
-
 func freeAddr(t *testing.T) string {
 	t.Helper()
 	addrs, err := harness.FreeAddrs(1)
@@ -343,7 +278,7 @@ func TestTraefikMetricsOutcomes(t *testing.T) {
 	for _, n := range names {
 		d.Router(n, "/"+n, "primary", "m-"+n)
 	}
-	e := startMetricsE2E(t, metricsOpts{dynamic: d, routers: names})
+	e := startE2EWith(t, e2eOpts{dynamic: d, routers: names})
 
 	before := mustScrape(t, metrics)
 	checkExposition(t, before)
@@ -423,7 +358,7 @@ func TestTraefikMetricsSharedByRouters(t *testing.T) {
 	d.Mirror("m-shared", map[string]any{"metricsAddress": metrics})
 	d.Router("a", "/a", "primary", "m-shared")
 	d.Router("b", "/b", "primary", "m-shared")
-	e := startMetricsE2E(t, metricsOpts{dynamic: d, routers: []string{"a", "b"}})
+	e := startE2EWith(t, e2eOpts{dynamic: d, routers: []string{"a", "b"}})
 	for i := 0; i < 7; i++ {
 		e.send(t, http.MethodGet, "/a", nil)
 	}
@@ -476,7 +411,7 @@ func TestTraefikMetricsAcrossReloads(t *testing.T) {
 	metrics := freeAddr(t)
 	d := exampleDynamic(t)
 	d.Mirror("mirror-api", map[string]any{"metricsAddress": metrics})
-	e := startMetricsE2E(t, metricsOpts{dynamic: d, static: func(cfg map[string]any) {
+	e := startE2EWith(t, e2eOpts{dynamic: d, static: func(cfg map[string]any) {
 		cfg["metrics"] = map[string]any{"prometheus": map[string]any{"entryPoint": "traefik"}}
 	}})
 
@@ -540,7 +475,7 @@ func TestTraefikMetricsAddressInUse(t *testing.T) {
 	addr := held.Addr().String()
 	d := exampleDynamic(t)
 	d.Mirror("mirror-api", map[string]any{"metricsAddress": addr})
-	e := startMetricsE2E(t, metricsOpts{dynamic: d})
+	e := startE2EWith(t, e2eOpts{dynamic: d})
 
 	want := "mirror mirror-api@file: cannot serve metrics on metricsAddress " + addr + ": "
 	require.Eventually(t, func() bool { return strings.Contains(e.traefik.Log(), want) }, waitLimit, 10*time.Millisecond)
@@ -572,7 +507,7 @@ func TestTraefikMaxRate(t *testing.T) {
 	metrics := freeAddr(t)
 	d := exampleDynamic(t)
 	d.Mirror("mirror-api", map[string]any{"metricsAddress": metrics, "maxRate": rate})
-	e := startMetricsE2E(t, metricsOpts{dynamic: d})
+	e := startE2EWith(t, e2eOpts{dynamic: d})
 
 	// 400 requests paced over about 2 s, four clients at a time.
 	var mu sync.Mutex
@@ -646,7 +581,7 @@ func TestPrometheusScrapesMetrics(t *testing.T) {
 	metrics := freeAddr(t)
 	d := exampleDynamic(t)
 	d.Mirror("mirror-api", map[string]any{"metricsAddress": metrics})
-	e := startMetricsE2E(t, metricsOpts{dynamic: d})
+	e := startE2EWith(t, e2eOpts{dynamic: d})
 	const n = 15
 	for i := 0; i < n; i++ {
 		e.send(t, http.MethodGet, "/p/"+strconv.Itoa(i), nil)
@@ -823,7 +758,7 @@ func TestTraefikShadowPool(t *testing.T) {
 	require.NoError(t, err)
 	a, b := startShadow(t), startShadow(t)
 	shadowEntry, metrics := freeAddr(t), freeAddr(t)
-	e := startMetricsE2E(t, metricsOpts{
+	e := startE2EWith(t, e2eOpts{
 		yaml: string(raw),
 		static: func(cfg map[string]any) {
 			cfg["entryPoints"].(map[string]any)["shadow"] = map[string]any{"address": shadowEntry}
