@@ -441,13 +441,15 @@ func diffJSON(cmp *compareSettings, diffs []difference, path []string, p, q any)
 			if len(qv) > n {
 				n = len(qv)
 			}
+			path = append(path, "") // the index, set for each element
+			last := len(path) - 1
 			for i := 0; i < n; i++ {
-				sub := append(path, strconv.Itoa(i))
+				path[last] = strconv.Itoa(i)
 				switch {
 				case i < len(pv) && i < len(qv):
-					diffs = diffJSON(cmp, diffs, sub, pv[i], qv[i])
-				case !ignored(cmp, sub) && len(diffs) < maxDifferences:
-					diffs = append(diffs, jsonDifference(sub, index(pv, i), index(qv, i), i < len(pv), i < len(qv)))
+					diffs = diffJSON(cmp, diffs, path, pv[i], qv[i])
+				case !ignored(cmp, path) && len(diffs) < maxDifferences:
+					diffs = append(diffs, jsonDifference(path, index(pv, i), index(qv, i), i < len(pv), i < len(qv)))
 				}
 			}
 			return diffs

@@ -118,7 +118,7 @@ func TestDifferences(t *testing.T) {
 				if len(got) != 1 || got[0].Kind != "body" || !strings.HasPrefix(got[0].Primary, test.expPrefix) || got[0].Primary == got[0].Mirror {
 					t.Errorf("got %+v, want one body difference with sizes and digests", got)
 				}
-			case !reflect.DeepEqual(got, test.expDiffs) && !(len(got) == 0 && len(test.expDiffs) == 0):
+			case !reflect.DeepEqual(got, test.expDiffs) && (len(got) != 0 || len(test.expDiffs) != 0):
 				t.Errorf("got  %+v\nwant %+v", got, test.expDiffs)
 			}
 		})

@@ -144,8 +144,9 @@ func (s *scrape) outcomes(middleware string) map[string]float64 {
 	return got
 }
 
-func (s *scrape) histogram(family, middleware string) *dto.Histogram {
-	all := s.series(family, map[string]string{"middleware": middleware})
+// histogram is a middleware's copy duration histogram.
+func (s *scrape) histogram(middleware string) *dto.Histogram {
+	all := s.series("traefik_mirror_copy_duration_seconds", map[string]string{"middleware": middleware})
 	if len(all) != 1 {
 		return nil
 	}
@@ -191,7 +192,7 @@ func checkFresh(t *testing.T, s *scrape, middleware string) {
 		assert.True(t, ok, "%s: no compared_total{result=%q}", middleware, result)
 		assert.Zero(t, v)
 	}
-	h := s.histogram("traefik_mirror_copy_duration_seconds", middleware)
+	h := s.histogram(middleware)
 	if assert.NotNil(t, h, "%s: no histogram", middleware) {
 		assert.Zero(t, h.GetSampleCount())
 		assert.Zero(t, h.GetSampleSum())
@@ -333,11 +334,11 @@ func TestTraefikMetricsOutcomes(t *testing.T) {
 	assert.Equal(t, float64(10*len(small)), bytesSent)
 
 	// Each copy that went out is observed once; the hung one has not ended.
-	checkHistogram(t, s.histogram("traefik_mirror_copy_duration_seconds", "m-main@file"), 30)
-	checkHistogram(t, s.histogram("traefik_mirror_copy_duration_seconds", "m-rated@file"), 1)
-	checkHistogram(t, s.histogram("traefik_mirror_copy_duration_seconds", "m-failed@file"), 1)
-	checkHistogram(t, s.histogram("traefik_mirror_copy_duration_seconds", "m-hung@file"), 0)
-	checkHistogram(t, s.histogram("traefik_mirror_copy_duration_seconds", "m-sampled@file"), 0)
+	checkHistogram(t, s.histogram("m-main@file"), 30)
+	checkHistogram(t, s.histogram("m-rated@file"), 1)
+	checkHistogram(t, s.histogram("m-failed@file"), 1)
+	checkHistogram(t, s.histogram("m-hung@file"), 0)
+	checkHistogram(t, s.histogram("m-sampled@file"), 0)
 
 	// One answer of the mirror is one response counted.
 	codes, _ := s.value("traefik_mirror_responses_total", map[string]string{"middleware": "m-main@file", "code": "200"})
@@ -373,7 +374,7 @@ func TestTraefikMetricsSharedByRouters(t *testing.T) {
 	}
 	b, _ := s.value("traefik_mirror_copied_bytes_total", map[string]string{"middleware": "m-shared@file"})
 	assert.Equal(t, 5.0*12, b)
-	checkHistogram(t, s.histogram("traefik_mirror_copy_duration_seconds", "m-shared@file"), 12)
+	checkHistogram(t, s.histogram("m-shared@file"), 12)
 	require.Eventually(t, func() bool { return e.mirror.Count() == 12 }, waitLimit, 10*time.Millisecond)
 }
 
@@ -434,8 +435,8 @@ func TestTraefikMetricsAcrossReloads(t *testing.T) {
 		for _, o := range mirrorOutcomes {
 			assert.GreaterOrEqual(t, cur.outcome("mirror-api@file", o), prev.outcome("mirror-api@file", o), "%s went backwards", o)
 		}
-		assert.GreaterOrEqual(t, cur.histogram("traefik_mirror_copy_duration_seconds", "mirror-api@file").GetSampleCount(),
-			prev.histogram("traefik_mirror_copy_duration_seconds", "mirror-api@file").GetSampleCount())
+		assert.GreaterOrEqual(t, cur.histogram("mirror-api@file").GetSampleCount(),
+			prev.histogram("mirror-api@file").GetSampleCount())
 		prev = cur
 	}
 	// Two reloads and some traffic first, so that connections of steady traffic exist.

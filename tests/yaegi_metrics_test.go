@@ -79,8 +79,8 @@ func TestYaegiMetricsRegistry(t *testing.T) {
 	s = waitScrape(t, metrics, func(s *scrape) bool {
 		return s.outcome("shared@file", "sent") == 6 && s.outcome("other@file", "sent") == 1
 	}, "sent=6 and 1")
-	checkHistogram(t, s.histogram("traefik_mirror_copy_duration_seconds", "shared@file"), 6)
-	checkHistogram(t, s.histogram("traefik_mirror_copy_duration_seconds", "other@file"), 1)
+	checkHistogram(t, s.histogram("shared@file"), 6)
+	checkHistogram(t, s.histogram("other@file"), 1)
 	assert.Equal(t, int64(7), next.n.Load())
 	require.Eventually(t, func() bool { return mirrorUp.Count() == 7 }, waitLimit, 5*time.Millisecond)
 	assert.NotContains(t, p.stderr.String(), "cannot serve metrics", "one listener for all instances")
@@ -160,8 +160,8 @@ func TestYaegiMetricsExposition(t *testing.T) {
 	assert.Equal(t, 10.0, b)
 	r, _ := s.value("traefik_mirror_retries_total", map[string]string{"middleware": "expo@file"})
 	assert.Zero(t, r)
-	checkHistogram(t, s.histogram("traefik_mirror_copy_duration_seconds", "expo@file"), 3)
-	h2 := s.histogram("traefik_mirror_copy_duration_seconds", "expo@file")
+	checkHistogram(t, s.histogram("expo@file"), 3)
+	h2 := s.histogram("expo@file")
 	var bounds []float64
 	for _, bucket := range h2.GetBucket() {
 		bounds = append(bounds, bucket.GetUpperBound())
