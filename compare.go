@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -240,6 +241,7 @@ func compareAnswer(ctx context.Context, m *mirror, c *copyRequest, resp *http.Re
 	stop := context.AfterFunc(ctx, w.done) // the copy's deadline ends the wait too
 	<-w.answered.Done()
 	stop()
+	runtime.Gosched() // the primary's answer is being sent now: let it go out first
 	if !w.finished.Load() {
 		atomic.AddInt64(&st.results[notCompared], 1)
 		return
