@@ -130,18 +130,21 @@ func enableCompare(st *state) {
 // does as little as it can: what is only needed for the comparison is worked out later, in the
 // copy's goroutine.
 type capture struct {
-	rw    http.ResponseWriter
+	// The client's writer, embedded: compiled callers reach its Header method directly, not
+	// through an interpreted one (Go's proxy calls it several times per answer).
+	http.ResponseWriter
 	limit int64
 
 	code    int
 	header  http.Header
 	body    []byte
 	over    bool // the body was longer than limit
+	stream  bool // no Content-Length: every write is flushed
 	began   time.Time
 	latency time.Duration
 
-	// answered is cancelled once the primary has answered (finished is then true), or at the
-	// copy's deadline. (A context, not a select on two channels: Yaegi v0.16.1 runs a select
+	// answered is cancelled once the primary's handler has returned (finished is then true if
+	// it answered), or at the copy's deadline. (A context, not a select on two channels: Yaegi v0.16.1 runs a select
 	// with one set of cases shared by every goroutine executing it.)
 	answered context.Context
 	done     context.CancelFunc
@@ -165,59 +168,61 @@ func isStream(contentType string) bool {
 	return strings.HasPrefix(contentType, "text/event-stream") || strings.HasPrefix(contentType, "application/grpc")
 }
 
-// serveCompared serves the primary through the capture.
+// serveCompared serves the primary through the capture. The primary's answer is complete
+// (finished) only when the next handler returns: Go's reverse proxy panics
+// (http.ErrAbortHandler) when the client goes away during the answer, and the copy then ends
+// its wait (done is deferred) without comparing what was cut short.
 func serveCompared(m *mirror, rw http.ResponseWriter, req *http.Request, c *copyRequest) {
 	w := c.capture
-	w.rw = rw // one assignment each: Yaegi v0.16.1 leaves an interface field nil in a tuple assignment
+	w.ResponseWriter = rw // one assignment each: Yaegi v0.16.1 leaves an interface field nil in a tuple assignment
 	w.began = time.Now()
-	// Deferred: Go's reverse proxy panics (http.ErrAbortHandler) when the client goes away
-	// during the answer, and the copy must not wait for the primary until its deadline.
-	defer w.finish()
+	defer w.done()
 	m.next.ServeHTTP(w, req)
+	w.latency = time.Since(w.began)
+	w.finished.Store(true)
 	if c.tee != nil {
 		c.tee.abandon()
 	}
 }
 
-func (w *capture) finish() {
-	w.latency = time.Since(w.began)
-	w.finished.Store(true)
-	w.done()
-}
-
-func (w *capture) Header() http.Header { return w.rw.Header() }
-
 func (w *capture) WriteHeader(code int) {
 	if code >= 200 && w.code == 0 {
 		w.code = code
-		w.header = w.rw.Header().Clone()
+		w.header = w.ResponseWriter.Header().Clone()
+		w.stream = w.header["Content-Length"] == nil
 	}
-	w.rw.WriteHeader(code)
+	w.ResponseWriter.WriteHeader(code)
 }
 
 func (w *capture) Write(b []byte) (int, error) {
 	if w.code == 0 {
 		w.WriteHeader(http.StatusOK)
 	}
-	n, err := w.rw.Write(b)
-	if !w.over {
-		keep := int64(n)
-		if room := w.limit - int64(len(w.body)); keep > room {
-			keep, w.over = room, true
-		}
-		w.body = append(w.body, b[:keep]...)
+	n, err := w.ResponseWriter.Write(b)
+	if w.over || int64(len(w.body)+n) > w.limit {
+		w.overflow(b[:n])
+	} else {
+		w.body = append(w.body, b[:n]...)
 	}
-	if w.header["Content-Length"] == nil {
-		_ = http.NewResponseController(w.rw).Flush()
+	if w.stream {
+		_ = http.NewResponseController(w.ResponseWriter).Flush()
 	}
 	return n, err
 }
 
+// overflow keeps what fits of a write that reaches the limit.
+func (w *capture) overflow(b []byte) {
+	if !w.over {
+		w.body = append(w.body, b[:w.limit-int64(len(w.body))]...)
+		w.over = true
+	}
+}
+
 // Flush and Unwrap serve interpreted callers; compiled ones never see them.
-func (w *capture) Flush() { _ = http.NewResponseController(w.rw).Flush() }
+func (w *capture) Flush() { _ = http.NewResponseController(w.ResponseWriter).Flush() }
 
 // Unwrap returns the writer the capture passes everything to.
-func (w *capture) Unwrap() http.ResponseWriter { return w.rw }
+func (w *capture) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // side is one answer as compared.
 type side struct {
@@ -229,36 +234,72 @@ type side struct {
 }
 
 // compareAnswer reads the mirror's answer up to the limit, waits for the primary's (within the
-// copy's deadline), compares them and counts the result. It runs in the copy's goroutine.
+// copy's deadline), compares them and counts the result. It runs in the copy's goroutine. (Under
+// Yaegi every call allocates a value per expression of the called function: the common case,
+// answers that are the same, goes through small functions only; judge has the rest.)
 func compareAnswer(ctx context.Context, m *mirror, c *copyRequest, resp *http.Response) {
-	st, _ := m.st.compare.Load().(*compareStats)
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, c.capture.limit+1))
-	mir := side{code: resp.StatusCode, header: resp.Header, body: body, latency: time.Since(c.began)}
-	if int64(len(body)) > c.capture.limit {
-		mir.body, mir.over = body[:c.capture.limit], true
-	}
 	w := c.capture
+	mir := mirrorSide(c, resp)
 	stop := context.AfterFunc(ctx, w.done) // the copy's deadline ends the wait too
 	<-w.answered.Done()
 	stop()
 	runtime.Gosched() // the primary's answer is being sent now: let it go out first
-	if !w.finished.Load() {
+	st, _ := m.st.compare.Load().(*compareStats)
+	switch {
+	case !w.finished.Load() || w.code == 0 || streamed(w.header, mir.header):
 		atomic.AddInt64(&st.results[notCompared], 1)
-		return
+	case !w.over && !mir.over && sameAnswer(m.cfg.compare, w, mir):
+		st.latencies(w.latency, mir.latency)
+		atomic.AddInt64(&st.results[matched], 1)
+	default:
+		judge(m, c, st, mir)
 	}
-	if w.code == 0 || isStream(w.header.Get("Content-Type")) || isStream(mir.header.Get("Content-Type")) {
-		atomic.AddInt64(&st.results[notCompared], 1)
-		return
+}
+
+// mirrorSide reads the mirror's answer, up to the limit.
+func mirrorSide(c *copyRequest, resp *http.Response) *side {
+	limit := c.capture.limit
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, limit+1))
+	mir := &side{code: resp.StatusCode, header: resp.Header, body: body, latency: time.Since(c.began)}
+	if int64(len(body)) > limit {
+		mir.body, mir.over = body[:limit], true
 	}
+	return mir
+}
+
+// streamed says whether either answer is a stream, which is never compared.
+func streamed(p, q http.Header) bool {
+	return isStream(p.Get("Content-Type")) || isStream(q.Get("Content-Type"))
+}
+
+// sameAnswer says whether both answers have the same status, the same body bytes and the same
+// headers (noise aside): the same as differences finding none, at a fraction of its cost.
+func sameAnswer(cmp *compareSettings, w *capture, mir *side) bool {
+	return w.code == mir.code && bytes.Equal(w.body, mir.body) && sameHeaders(cmp, w.header, mir.header)
+}
+
+// sameHeaders compares the headers in wire form, sorted, noise left out: two calls to compiled
+// code instead of interpreted loops over both maps.
+func sameHeaders(cmp *compareSettings, p, q http.Header) bool {
+	var a, b bytes.Buffer
+	_ = p.WriteSubset(&a, cmp.ignoreHeaders)
+	_ = q.WriteSubset(&b, cmp.ignoreHeaders)
+	return bytes.Equal(a.Bytes(), b.Bytes())
+}
+
+// judge compares answers that are not the same bytes, counts the result and writes the
+// difference line, if any.
+func judge(m *mirror, c *copyRequest, st *compareStats, mir *side) {
+	w := c.capture
 	prim := side{code: w.code, header: w.header, body: w.body, over: w.over, latency: w.latency}
-	diffs := differences(m.cfg.compare, prim, mir)
-	st.record(prim, mir, diffs)
+	diffs := differences(m.cfg.compare, prim, *mir)
+	st.record(prim, *mir, diffs)
 	if len(diffs) == 0 {
 		atomic.AddInt64(&st.results[matched], 1)
 		return
 	}
 	atomic.AddInt64(&st.results[differed], 1)
-	writeDifference(m, c, prim, mir, diffs)
+	writeDifference(m, c, prim, *mir, diffs)
 }
 
 // difference is one way in which the answers differ.
@@ -323,21 +364,21 @@ func differences(cmp *compareSettings, prim, mir side) []difference {
 	if prim.code != mir.code {
 		diffs = append(diffs, difference{Kind: "status", Primary: strconv.Itoa(prim.code), Mirror: strconv.Itoa(mir.code)})
 	}
-	names := map[string]bool{}
-	for name := range prim.header {
-		names[name] = true
-	}
-	for name := range mir.header {
-		names[name] = true
-	}
-	sorted := make([]string, 0, len(names))
-	for name := range names {
-		if !cmp.ignoreHeaders[name] {
-			sorted = append(sorted, name)
+	// Only the names whose values differ are sorted and looked at again: headers that are the
+	// same on both sides, the common case, cost one pass over each side.
+	var differ []string
+	for name, values := range prim.header {
+		if !cmp.ignoreHeaders[name] && !sameValues(values, mir.header[name]) {
+			differ = append(differ, name)
 		}
 	}
-	sort.Strings(sorted)
-	for _, name := range sorted {
+	for name := range mir.header {
+		if _, both := prim.header[name]; !both && !cmp.ignoreHeaders[name] {
+			differ = append(differ, name)
+		}
+	}
+	sort.Strings(differ)
+	for _, name := range differ {
 		p, q := headerValue(prim.header, name), headerValue(mir.header, name)
 		if p != q {
 			diffs = append(diffs, difference{Kind: "header", Name: name, Primary: truncate(p), Mirror: truncate(q)})
@@ -345,6 +386,9 @@ func differences(cmp *compareSettings, prim, mir side) []difference {
 	}
 	if prim.over || mir.over {
 		return diffs // compared by status and headers only
+	}
+	if bytes.Equal(prim.body, mir.body) && sameValues(prim.header["Content-Encoding"], mir.header["Content-Encoding"]) {
+		return diffs // the same bytes, encoded alike: the same value, JSON or not
 	}
 	pb, qb := decoded(prim), decoded(mir)
 	if isJSON(prim.header) && isJSON(mir.header) {
@@ -357,6 +401,18 @@ func differences(cmp *compareSettings, prim, mir side) []difference {
 		diffs = append(diffs, difference{Kind: "body", Primary: digest(pb), Mirror: digest(qb)})
 	}
 	return diffs
+}
+
+func sameValues(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
 }
 
 // headerValue is a header's values as compared: Set-Cookie by cookie names only.
@@ -561,17 +617,14 @@ func noiseKey(d difference) string {
 // record counts one comparison: its latencies, whether its body was compared, and which fields
 // differed.
 func (cs *compareStats) record(prim, mir side, diffs []difference) {
+	cs.latencies(prim.latency, mir.latency)
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
-	if len(cs.primary) < latencyRing {
-		cs.primary = append(cs.primary, prim.latency.Seconds())
-		cs.mirror = append(cs.mirror, mir.latency.Seconds())
-	} else {
-		cs.primary[cs.next], cs.mirror[cs.next] = prim.latency.Seconds(), mir.latency.Seconds()
-		cs.next = (cs.next + 1) % latencyRing
-	}
 	if prim.over || mir.over {
 		cs.headersOnly++
+	}
+	if len(diffs) == 0 {
+		return
 	}
 	seen := map[string]bool{}
 	for _, d := range diffs {
@@ -584,6 +637,19 @@ func (cs *compareStats) record(prim, mir side, diffs []difference) {
 			cs.noise[key]++
 		}
 	}
+}
+
+// latencies keeps both sides' latencies of one comparison, for the percentiles.
+func (cs *compareStats) latencies(prim, mir time.Duration) {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if len(cs.primary) < latencyRing {
+		cs.primary = append(cs.primary, prim.Seconds())
+		cs.mirror = append(cs.mirror, mir.Seconds())
+		return
+	}
+	cs.primary[cs.next], cs.mirror[cs.next] = prim.Seconds(), mir.Seconds()
+	cs.next = (cs.next + 1) % latencyRing
 }
 
 // summary is the comparison's part of the log line: the results since the last line, the match

@@ -108,7 +108,13 @@ func TestDifferences(t *testing.T) {
 	}
 	for _, test := range tests {
 		t.Run(test.desc, func(t *testing.T) {
-			got := differences(compareSettingsFor(t, test.cfg), test.prim, test.mir)
+			cmp := compareSettingsFor(t, test.cfg)
+			got := differences(cmp, test.prim, test.mir)
+			// The fast path never calls answers the same that differences tells apart.
+			w := &capture{code: test.prim.code, header: test.prim.header, body: test.prim.body}
+			if !test.prim.over && !test.mir.over && sameAnswer(cmp, w, &test.mir) && len(got) != 0 {
+				t.Errorf("sameAnswer: the same, but differences found %+v", got)
+			}
 			switch {
 			case test.expNoDiffs:
 				if len(got) != 0 {
@@ -123,6 +129,67 @@ func TestDifferences(t *testing.T) {
 			}
 		})
 	}
+}
+
+// sameAnswer, the common case's fast path: the same status, body bytes and headers, noise and
+// ignoreHeaders aside.
+func TestSameAnswer(t *testing.T) {
+	cmp := compareSettingsFor(t, CompareConfig{IgnoreHeaders: []string{"X-Version"}})
+	prim := jsonSide(200, `{"a":1}`, "Date", "Mon", "Server", "p", "Content-Length", "7", "X-Version", "1", "Vary", "Accept")
+	w := &capture{code: prim.code, header: prim.header, body: prim.body}
+	for _, test := range []struct {
+		desc string
+		mir  side
+		exp  bool
+	}{
+		{"noise and ignoreHeaders differ", jsonSide(200, `{"a":1}`, "Date", "Tue", "Server", "m", "X-Version", "2", "Vary", "Accept"), true},
+		{"status", jsonSide(201, `{"a":1}`, "Vary", "Accept"), false},
+		{"body bytes", jsonSide(200, `{"a": 1}`, "Vary", "Accept"), false},
+		{"header value", jsonSide(200, `{"a":1}`, "Vary", "Origin"), false},
+		{"header missing", jsonSide(200, `{"a":1}`), false},
+		{"header only on the mirror", jsonSide(200, `{"a":1}`, "Vary", "Accept", "Cache-Control", "no-store"), false},
+	} {
+		if got := sameAnswer(cmp, w, &test.mir); got != test.exp {
+			t.Errorf("%s: sameAnswer = %v, want %v", test.desc, got, test.exp)
+		}
+	}
+}
+
+// A client that goes away during the primary's answer (Go's proxy then panics with
+// http.ErrAbortHandler) leaves an answer cut short: it is not compared, and the copy does not
+// wait for its deadline.
+func TestCompareClientGone(t *testing.T) {
+	cfg := CreateConfig()
+	cfg.Timeout = "1h"
+	front, m, lines := compareStack(t, cfg, func(rw http.ResponseWriter, _ *http.Request) {
+		rw.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(rw, `{"a":1}`)
+	}, func(rw http.ResponseWriter, _ *http.Request) {
+		rw.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(rw, `{"a":1}`)
+	})
+	cut := m.next
+	m.next = http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
+		rw.Header().Set("Content-Type", "application/json")
+		rw.Header().Set("Content-Length", "7")
+		rw.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(rw, `{"a":`)
+		panic(http.ErrAbortHandler)
+	})
+	resp, err := http.Get(front.URL + "/cut")
+	if err == nil {
+		_, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+	}
+	if err == nil {
+		t.Fatal("the client got the whole answer")
+	}
+	cs := m.st.compare.Load().(*compareStats)
+	eventually(t, func() bool { return atomic.LoadInt64(&cs.results[notCompared]) == 1 }, "not counted notCompared")
+	eventually(t, func() bool { return atomic.LoadInt64(&m.st.inflight) == 0 }, "the copy still holds its slot")
+	equal(t, atomic.LoadInt64(&cs.results[differed]), 0, "differed")
+	equal(t, lines.String(), "", "log lines")
+	m.next = cut
 }
 
 // A field that differs in nearly every compared answer is named as probable noise; array

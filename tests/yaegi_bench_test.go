@@ -5,6 +5,8 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"runtime"
 	"sort"
 	"strings"
@@ -114,8 +116,9 @@ func paceCopies(b *testing.B, sent, limit int, received func() int) {
 	}
 }
 
-// BenchmarkYaegiClientPath times what the client waits for: ServeHTTP alone, with compare off
-// and on (the capture of the primary's answer), each request after the previous copy arrived.
+// BenchmarkYaegiClientPath times what the client waits for: ServeHTTP alone, the primary behind
+// Go's reverse proxy, with compare off and on (the capture of the primary's answer), each
+// request after the previous copy arrived.
 // client-µs is the median; the copy's own work runs afterwards, in its goroutine.
 func BenchmarkYaegiClientPath(b *testing.B) {
 	p := loadInterpreted(b)
@@ -127,12 +130,15 @@ func BenchmarkYaegiClientPath(b *testing.B) {
 		received.Add(1)
 	}))
 	defer mirrorSrv.Close()
-	next := http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
+	// The primary behind Go's reverse proxy, as Traefik's service calls it.
+	primary := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
 		rw.Header().Set("Content-Type", "application/json")
-		rw.Header().Set("Content-Length", "13")
-		rw.WriteHeader(http.StatusOK)
 		_, _ = io.WriteString(rw, `{"ok":"yes"}`+"\n")
-	})
+	}))
+	defer primary.Close()
+	target, _ := url.Parse(primary.URL)
+	next := httputil.NewSingleHostReverseProxy(target)
 	for _, bc := range []struct {
 		name   string
 		config map[string]any

@@ -37,26 +37,43 @@ type scenario struct {
 	percent  float64
 	modes    []string
 	rate     float64 // requests per second offered, all connections together; 0: as fast as answered
+	json     bool    // the primary and the mirror answer the same 1 KiB JSON document, not "ok"
 }
 
 var allModes = []string{"none", "builtin", "builtin-1MiB", "plugin"}
 
 var allScenarios = []scenario{
-	{"healthy-1KiB", 1 << 10, "healthy", 100, allModes, 0},
-	{"healthy-64KiB", 64 << 10, "healthy", 100, allModes, 0},
-	{"slow-500ms", 1 << 10, "slow", 100, allModes, 0},
-	{"down", 1 << 10, "down", 100, allModes, 0},
-	{"hung", 1 << 10, "hung", 100, allModes, 0},
+	{"healthy-1KiB", 1 << 10, "healthy", 100, allModes, 0, false},
+	{"healthy-64KiB", 64 << 10, "healthy", 100, allModes, 0, false},
+	{"slow-500ms", 1 << 10, "slow", 100, allModes, 0, false},
+	{"down", 1 << 10, "down", 100, allModes, 0, false},
+	{"hung", 1 << 10, "hung", 100, allModes, 0, false},
 	// percent 0 turns the middleware off; a tiny percent measures the sampling itself.
-	{"sampled-out", 1 << 10, "healthy", 0, []string{"none", "plugin"}, 0},
-	{"sampled-0.01%", 1 << 10, "healthy", 0.01, []string{"none", "plugin"}, 0},
+	{"sampled-out", 1 << 10, "healthy", 0, []string{"none", "plugin"}, 0, false},
+	{"sampled-0.01%", 1 << 10, "healthy", 0.01, []string{"none", "plugin"}, 0, false},
 	// Over 64 KiB: the body is copied as the primary reads it, through the tee.
-	{"healthy-256KiB", 256 << 10, "healthy", 100, []string{"none", "builtin", "plugin"}, 0},
-	// The client's side of a compared request, next to a copied one.
-	{"compare-1KiB", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-compare"}, 0},
+	{"healthy-256KiB", 256 << 10, "healthy", 100, []string{"none", "builtin", "plugin"}, 0, false},
+	// A compared request next to a copied one, both services answering the same 1 KiB JSON.
+	{"compare-1KiB", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-compare"}, 0, true},
 	// The same at a fixed rate well below saturation: the client's latency, not the CPU's.
-	{"compare-1KiB-paced", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-compare"}, 500},
+	// plugin-twin is a second Traefik configured as plugin: how far two identical setups differ
+	// in one run, the noise that compare's cost is weighed against.
+	{"compare-1KiB-paced", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-twin", "plugin-compare"}, 500, true},
 }
+
+// jsonAnswer is the 1 KiB JSON document of the compare scenarios.
+var jsonAnswer = func() []byte {
+	var b bytes.Buffer
+	b.WriteString(`{"id":4711,"status":"shipped","items":[`)
+	for i := 0; b.Len() < 1000; i++ {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		fmt.Fprintf(&b, `{"sku":"SKU-%04d","quantity":%d,"price":%d.99}`, i, i%7+1, i%50)
+	}
+	b.WriteString(`],"total":1234.5}`)
+	return b.Bytes()
+}()
 
 func main() {
 	duration := flag.Duration("duration", 3*time.Second, "length of one measured run")
@@ -98,7 +115,7 @@ type sink struct {
 	conns    atomic.Int64
 }
 
-func startSink(expect []byte, delay time.Duration) (*sink, error) {
+func startSink(expect []byte, delay time.Duration, answer []byte) (*sink, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -116,6 +133,11 @@ func startSink(expect []byte, delay time.Duration) (*sink, error) {
 				case <-time.After(delay):
 				case <-r.Context().Done():
 				}
+			}
+			if answer != nil {
+				rw.Header().Set("Content-Type", "application/json")
+				_, _ = rw.Write(answer)
+				return
 			}
 			_, _ = io.WriteString(rw, "ok")
 		}),
@@ -152,14 +174,14 @@ func (m *mirrorTarget) open() int64 {
 	return 0
 }
 
-func startMirror(kind string, body []byte) (*mirrorTarget, error) {
+func startMirror(kind string, body, answer []byte) (*mirrorTarget, error) {
 	switch kind {
 	case "healthy", "slow":
 		delay := time.Duration(0)
 		if kind == "slow" {
 			delay = 500 * time.Millisecond
 		}
-		s, err := startSink(body, delay)
+		s, err := startSink(body, delay, answer)
 		if err != nil {
 			return nil, err
 		}
@@ -216,7 +238,7 @@ func dynamicFor(mode string, sc scenario, primary, mirror string) string {
 		d.Service("mirror-svc", "http://"+mirror)
 		d.MirroringService("mirrored", "primary", "mirror-svc", 1<<20)
 		d.Router("api", "/", "mirrored")
-	case "plugin":
+	case "plugin", "plugin-twin":
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent})
 		d.Router("api", "/", "primary", "mirror-api")
 	case "plugin-compare":
@@ -238,12 +260,16 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 			r.mirror.close()
 		}
 	}()
+	var answer []byte
+	if sc.json {
+		answer = jsonAnswer
+	}
 	for _, mode := range sc.modes {
-		primary, err := startSink(body, 0)
+		primary, err := startSink(body, 0, answer)
 		if err != nil {
 			return err
 		}
-		mirror, err := startMirror(sc.mirror, body)
+		mirror, err := startMirror(sc.mirror, body, answer)
 		if err != nil {
 			return err
 		}
@@ -465,6 +491,14 @@ func report(sc scenario, runs []*modeRun) {
 	if compared := byName["plugin-compare"]; compared != nil {
 		fmt.Printf("\nplugin-compare/plugin: %s; plugin-compare/none: %s\n", ratios(compared, plugin), ratios(compared, none))
 	}
+	if twin := byName["plugin-twin"]; twin != nil {
+		fmt.Printf("\nplugin-twin/plugin (two identical setups: the noise): %s\n", ratios(twin, plugin))
+		if compared := byName["plugin-compare"]; compared != nil {
+			p50 := func(m measure) float64 { return float64(m.p50) }
+			fmt.Printf("\np50 ratios round by round: plugin-compare/plugin %s; plugin-twin/plugin %s\n",
+				perRound(compared, plugin, p50), perRound(twin, plugin, p50))
+		}
+	}
 	if builtin := byName["builtin"]; builtin != nil {
 		fmt.Printf("\nbuiltin/none: %s\n", ratios(builtin, none))
 	}
@@ -480,10 +514,21 @@ func ratios(a, b *modeRun) string {
 		}
 		return median(xs)
 	}
-	return fmt.Sprintf("throughput %.2fx, CPU/req %.2fx, p99 %.2fx",
+	return fmt.Sprintf("throughput %.2fx, CPU/req %.2fx, p50 %.2fx, p99 %.2fx",
 		ratio(func(m measure) float64 { return m.rps }),
 		ratio(func(m measure) float64 { return float64(m.cpuPerReq) }),
+		ratio(func(m measure) float64 { return float64(m.p50) }),
 		ratio(func(m measure) float64 { return float64(m.p99) }))
+}
+
+// perRound lists a ratio round by round, sorted, to show its spread.
+func perRound(a, b *modeRun, f func(measure) float64) string {
+	var xs []string
+	for i := range a.runs {
+		xs = append(xs, fmt.Sprintf("%.2f", f(a.runs[i])/f(b.runs[i])))
+	}
+	sort.Strings(xs)
+	return "[" + strings.Join(xs, " ") + "]"
 }
 
 func traefikVersion() string {
