@@ -144,8 +144,8 @@ type capture struct {
 	latency time.Duration
 
 	// answered is cancelled once the primary's handler has returned (finished is then true if
-	// it answered), or at the copy's deadline. (A context, not a select on two channels: Yaegi v0.16.1 runs a select
-	// with one set of cases shared by every goroutine executing it.)
+	// it answered), or at the copy's deadline. (A context, not a select on two channels: Yaegi
+	// v0.16.1 runs a select with one set of cases shared by every goroutine executing it.)
 	answered context.Context
 	done     context.CancelFunc
 	finished atomic.Bool
