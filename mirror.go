@@ -251,7 +251,7 @@ func isUpgrade(h http.Header) bool {
 // is at most readAhead. (The paths that start does not always take live in functions of their
 // own, so that start allocates less: see ServeHTTP.)
 func readBody(m *mirror, req *http.Request, c *copyRequest) bool {
-	buf := make([]byte, req.ContentLength)
+	buf := make([]byte, req.ContentLength) // 1..readAhead: begin tees every other length
 	n, err := io.ReadFull(req.Body, buf)
 	if err != nil {
 		// The client cut the body short: the primary gets the bytes that came, then the error.
