@@ -248,12 +248,67 @@ func compareAnswer(ctx context.Context, m *mirror, c *copyRequest, resp *http.Re
 	switch {
 	case !w.finished.Load() || w.code == 0 || streamed(w.header, mir.header):
 		atomic.AddInt64(&st.results[notCompared], 1)
-	case !w.over && !mir.over && sameAnswer(m.cfg.compare, w, mir):
+		return
+	case c.askedGzip && mir.header["Content-Encoding"] != nil && w.header["Content-Encoding"] == nil:
+		meant(w, mir)
+	}
+	if !w.over && !mir.over && sameAnswer(m.cfg.compare, w, mir) {
 		st.latencies(w.latency, mir.latency)
 		atomic.AddInt64(&st.results[matched], 1)
-	default:
-		judge(m, c, st, mir)
+		return
 	}
+	judge(ctx, m, c, st, mir)
+}
+
+// meant undoes a gzip that only the mirror's side has: when the client asked for no encoding,
+// Traefik's transport asks the primary for gzip and undoes it before the client sees it, and
+// the copy asks the mirror alike (as the primary was asked), but nothing undoes the mirror's.
+// The mirror's body is then compared decoded, and neither its Content-Encoding nor the
+// Accept-Encoding in either Vary is compared: they come from this alone.
+func meant(w *capture, mir *side) {
+	if !strings.EqualFold(mir.header.Get("Content-Encoding"), "gzip") {
+		return
+	}
+	if !mir.over {
+		zr, err := gzip.NewReader(bytes.NewReader(mir.body))
+		if err != nil {
+			return // not gzip after all: compared as it is
+		}
+		body, err := io.ReadAll(io.LimitReader(zr, w.limit+1))
+		if err != nil {
+			return
+		}
+		mir.body = body
+		if int64(len(body)) > w.limit {
+			mir.body, mir.over = body[:w.limit], true
+		}
+	}
+	mir.header = mir.header.Clone()
+	delete(mir.header, "Content-Encoding")
+	varyWithoutAcceptEncoding(mir.header)
+	varyWithoutAcceptEncoding(w.header) // the capture's own copy of the primary's headers
+}
+
+// varyWithoutAcceptEncoding takes Accept-Encoding out of a header's Vary, if it is of a
+// reasonable size (a longer one is compared as it is).
+func varyWithoutAcceptEncoding(h http.Header) {
+	values := h["Vary"]
+	if values == nil || len(values) > 8 || len(strings.Join(values, ",")) > 1024 {
+		return
+	}
+	var kept []string
+	for _, v := range values {
+		for _, token := range strings.Split(v, ",") {
+			if token = strings.TrimSpace(token); token != "" && !strings.EqualFold(token, "Accept-Encoding") {
+				kept = append(kept, token)
+			}
+		}
+	}
+	if kept == nil {
+		delete(h, "Vary")
+		return
+	}
+	h["Vary"] = []string{strings.Join(kept, ", ")}
 }
 
 // mirrorSide reads the mirror's answer, up to the limit.
@@ -288,8 +343,17 @@ func sameHeaders(cmp *compareSettings, p, q http.Header) bool {
 }
 
 // judge compares answers that are not the same bytes, counts the result and writes the
-// difference line, if any.
-func judge(m *mirror, c *copyRequest, st *compareStats, mir *side) {
+// difference line, if any. One comparison at a time is judged in this process (judging), so
+// that however many copies are compared at once, their decoded JSON is in memory one at a time
+// and the judging takes at most one core from the clients; a copy that waited past its
+// deadline is not compared.
+func judge(ctx context.Context, m *mirror, c *copyRequest, st *compareStats, mir *side) {
+	judging.Lock()
+	defer judging.Unlock()
+	if ctx.Err() != nil {
+		atomic.AddInt64(&st.results[notCompared], 1)
+		return
+	}
 	w := c.capture
 	prim := side{code: w.code, header: w.header, body: w.body, over: w.over, latency: w.latency}
 	diffs := differences(m.cfg.compare, prim, *mir)
@@ -301,6 +365,8 @@ func judge(m *mirror, c *copyRequest, st *compareStats, mir *side) {
 	atomic.AddInt64(&st.results[differed], 1)
 	writeDifference(m, c, prim, *mir, diffs)
 }
+
+var judging sync.Mutex
 
 // difference is one way in which the answers differ.
 type difference struct {
@@ -379,25 +445,27 @@ func differences(cmp *compareSettings, prim, mir side) []difference {
 	}
 	sort.Strings(differ)
 	for _, name := range differ {
+		if len(diffs) >= maxDifferences {
+			return diffs
+		}
 		p, q := headerValue(prim.header, name), headerValue(mir.header, name)
 		if p != q {
-			diffs = append(diffs, difference{Kind: "header", Name: name, Primary: truncate(p), Mirror: truncate(q)})
+			diffs = append(diffs, difference{Kind: "header", Name: truncate(name), Primary: truncate(p), Mirror: truncate(q)})
 		}
 	}
-	if prim.over || mir.over {
-		return diffs // compared by status and headers only
+	if prim.over || mir.over || len(diffs) >= maxDifferences {
+		return diffs // compared by status and headers only, or nothing more is listed
 	}
 	if bytes.Equal(prim.body, mir.body) && sameValues(prim.header["Content-Encoding"], mir.header["Content-Encoding"]) {
 		return diffs // the same bytes, encoded alike: the same value, JSON or not
 	}
 	pb, qb := decoded(prim), decoded(mir)
 	if isJSON(prim.header) && isJSON(mir.header) {
-		var pv, qv any
-		if decodeJSON(pb, &pv) == nil && decodeJSON(qb, &qv) == nil {
-			return diffJSON(cmp, diffs, nil, pv, qv)
+		if d, ok := compareJSON(cmp, diffs, pb, qb); ok {
+			return d
 		}
 	}
-	if !bytes.Equal(pb, qb) {
+	if !bytes.Equal(pb, qb) && len(diffs) < maxDifferences {
 		diffs = append(diffs, difference{Kind: "body", Primary: digest(pb), Mirror: digest(qb)})
 	}
 	return diffs
@@ -448,140 +516,6 @@ func decoded(s side) []byte {
 		return s.body
 	}
 	return out
-}
-
-func decodeJSON(b []byte, v *any) error {
-	d := json.NewDecoder(bytes.NewReader(b))
-	d.UseNumber() // numbers compared as written, without float rounding
-	if err := d.Decode(v); err != nil {
-		return err
-	}
-	if d.More() {
-		return fmt.Errorf("more than one JSON value")
-	}
-	return nil
-}
-
-// diffJSON compares two JSON values, depth first, keys in order, and appends each path that
-// differs (objects' keys and arrays' indexes joined by dots), unless an ignoreJSONPaths matches.
-func diffJSON(cmp *compareSettings, diffs []difference, path []string, p, q any) []difference {
-	if len(diffs) >= maxDifferences || ignored(cmp, path) {
-		return diffs
-	}
-	switch pv := p.(type) {
-	case map[string]any:
-		if qv, ok := q.(map[string]any); ok {
-			keys := make([]string, 0, len(pv)+len(qv))
-			for k := range pv {
-				keys = append(keys, k)
-			}
-			for k := range qv {
-				if _, seen := pv[k]; !seen {
-					keys = append(keys, k)
-				}
-			}
-			sort.Strings(keys)
-			for _, k := range keys {
-				a, inP := pv[k]
-				b, inQ := qv[k]
-				switch {
-				case inP && inQ:
-					diffs = diffJSON(cmp, diffs, append(path, k), a, b)
-				case !ignored(cmp, append(path, k)) && len(diffs) < maxDifferences:
-					diffs = append(diffs, jsonDifference(append(path, k), a, b, inP, inQ))
-				}
-			}
-			return diffs
-		}
-	case []any:
-		if qv, ok := q.([]any); ok {
-			n := len(pv)
-			if len(qv) > n {
-				n = len(qv)
-			}
-			path = append(path, "") // the index, set for each element
-			last := len(path) - 1
-			for i := 0; i < n; i++ {
-				path[last] = strconv.Itoa(i)
-				switch {
-				case i < len(pv) && i < len(qv):
-					diffs = diffJSON(cmp, diffs, path, pv[i], qv[i])
-				case !ignored(cmp, path) && len(diffs) < maxDifferences:
-					diffs = append(diffs, jsonDifference(path, index(pv, i), index(qv, i), i < len(pv), i < len(qv)))
-				}
-			}
-			return diffs
-		}
-	}
-	if !sameJSON(p, q) {
-		diffs = append(diffs, jsonDifference(path, p, q, true, true))
-	}
-	return diffs
-}
-
-func index(a []any, i int) any {
-	if i < len(a) {
-		return a[i]
-	}
-	return nil
-}
-
-// sameJSON compares two scalars, or values of different kinds.
-func sameJSON(p, q any) bool {
-	return !isContainer(p) && !isContainer(q) && p == q
-}
-
-// isContainer says whether a JSON value is an object or an array. (A case each: Yaegi v0.16.1
-// misreads case lists.)
-func isContainer(v any) bool {
-	switch v.(type) {
-	case map[string]any:
-		return true
-	case []any:
-		return true
-	}
-	return false
-}
-
-func jsonDifference(path []string, p, q any, inP, inQ bool) difference {
-	d := difference{Kind: "json", Name: strings.Join(path, "."), Primary: "(absent)", Mirror: "(absent)"}
-	if d.Name == "" {
-		d.Name = "."
-	}
-	if inP {
-		d.Primary = jsonText(p)
-	}
-	if inQ {
-		d.Mirror = jsonText(q)
-	}
-	return d
-}
-
-func jsonText(v any) string {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return fmt.Sprint(v)
-	}
-	return truncate(string(b))
-}
-
-func ignored(cmp *compareSettings, path []string) bool {
-	for _, pattern := range cmp.ignorePaths {
-		if len(pattern) != len(path) {
-			continue
-		}
-		match := true
-		for i, seg := range pattern {
-			if seg != "*" && seg != path[i] {
-				match = false
-				break
-			}
-		}
-		if match {
-			return true
-		}
-	}
-	return false
 }
 
 func truncate(s string) string {

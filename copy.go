@@ -47,8 +47,13 @@ func newToken() string {
 	return hex.EncodeToString(b)
 }
 
-// isOwnCopy says whether a request is a copy sent by this process.
+// isOwnCopy says whether a request is a copy sent by this process. Only the last
+// maxLoopTokens values are looked at: a copy carries one, and a client's thousands of others
+// must not cost a look each.
 func isOwnCopy(values []string) bool {
+	if len(values) > maxLoopTokens {
+		values = values[len(values)-maxLoopTokens:]
+	}
 	for _, v := range values {
 		if strings.Contains(v, processToken) {
 			return true
@@ -61,19 +66,27 @@ func isOwnCopy(values []string) bool {
 // are never modified in place).
 var ownLoop = []string{processToken}
 
-// loopTokens is the loop header of a copy: the tokens it arrived with, then this process's.
+// loopTokens is the loop header of a copy: the last tokens it arrived with (at most
+// maxLoopTokens-1), then this process's. It works from the end of the values, one step per
+// token kept, so that a header of a million commas costs no more than one of a few tokens.
 func loopTokens(values []string) []string {
-	tokens := strings.Split(strings.Join(values, ","), ",")
-	if len(tokens) >= maxLoopTokens {
-		tokens = tokens[len(tokens)-maxLoopTokens+1:]
-	}
-	kept := make([]string, 0, len(tokens)+1)
-	for _, tok := range tokens {
-		if tok = strings.TrimSpace(tok); tok != "" {
-			kept = append(kept, tok)
+	kept := make([]string, maxLoopTokens)
+	n := maxLoopTokens - 1
+	kept[n] = processToken
+	for i := len(values) - 1; i >= 0 && i >= len(values)-maxLoopTokens && n > 0; i-- {
+		v := values[i]
+		for n > 0 {
+			v = strings.TrimRight(v, ", \t")
+			if v == "" {
+				break
+			}
+			cut := strings.LastIndexByte(v, ',')
+			n--
+			kept[n] = strings.TrimSpace(v[cut+1:])
+			v = v[:cut+1]
 		}
 	}
-	return []string{strings.Join(append(kept, processToken), ", ")}
+	return []string{strings.Join(kept[n:], ", ")}
 }
 
 // hopHeaders are the hop-by-hop headers that net/http/httputil removes, and so the copy loses
@@ -132,6 +145,8 @@ type copyRequest struct {
 	tee     *teeBody // the body is copied as the primary reads it
 	capture *capture // the primary's answer, when this copy is compared
 
+	askedGzip bool // the copy asks for gzip where the client asked for no encoding (see meant)
+
 	began   time.Time // when the copy was sent
 	outcome outcome
 	err     error
@@ -164,6 +179,12 @@ func send(m *mirror, c *copyRequest) {
 // connection can be reused (or what the comparison captures), and closes it.
 func answered(ctx context.Context, m *mirror, c *copyRequest, resp *http.Response) error {
 	atomic.AddInt64(&m.st.codes[resp.StatusCode], 1) // Go's client reads three digits only
+	if resp.StatusCode < 200 {
+		// A final 1xx (101 Switching Protocols): Go's client hands back the connection as the
+		// body, which the copy's deadline no longer bounds. A copy is never upgraded.
+		_ = resp.Body.Close()
+		return fmt.Errorf("mirror answered %s to a copy, which is never upgraded", resp.Status)
+	}
 	atomic.AddInt64(&m.st.copiedBytes, int64(len(c.body)))
 	if c.capture != nil {
 		compareAnswer(ctx, m, c, resp)
@@ -265,6 +286,7 @@ func newCopy(ctx context.Context, m *mirror, c *copyRequest) *http.Request {
 	// Traefik's transport asks the primary for gzip when the client did not say; so does the copy.
 	if h["Accept-Encoding"] == nil && h["Range"] == nil && c.method != http.MethodHead {
 		h["Accept-Encoding"] = []string{"gzip"}
+		c.askedGzip = true
 	}
 	if h["User-Agent"] == nil {
 		h["User-Agent"] = []string{""} // keep Go's default User-Agent off the copy
