@@ -43,12 +43,13 @@ var noiseHeaders = []string{
 }
 
 const (
-	maxDifferences = 20   // per difference line
-	maxValue       = 200  // characters of a value in a difference line
-	maxNoiseKeys   = 256  // distinct fields whose differences are counted, per middleware
-	latencyRing    = 1024 // latencies kept for the percentiles, per side and middleware
-	noiseShare     = 0.9  // a field that differs in this share of compared answers is probable noise
-	noiseMinimum   = 10   // compared answers before noise is named
+	maxCompareBody = 1 << 30 // compare.maxBodySize: each side holds this much at most
+	maxDifferences = 20      // per difference line
+	maxValue       = 200     // characters of a value in a difference line
+	maxNoiseKeys   = 256     // distinct fields whose differences are counted, per middleware
+	latencyRing    = 1024    // latencies kept for the percentiles, per side and middleware
+	noiseShare     = 0.9     // a field that differs in this share of compared answers is probable noise
+	noiseMinimum   = 10      // compared answers before noise is named
 )
 
 type compareSettings struct {
@@ -56,15 +57,16 @@ type compareSettings struct {
 	share         float64
 	ignoreHeaders map[string]bool // canonical names, noise included
 	ignorePaths   [][]string      // dotted paths split, "*" matching any one segment
-	log           *diffLog        // nil: Traefik's log
+	logFile       string
+	log           *diffLog // nil: Traefik's log; set by New (useDiffLog)
 }
 
 func compileCompare(c *CompareConfig) (*compareSettings, error) {
 	if !c.Enabled {
 		return nil, nil
 	}
-	if c.MaxBodySize < 0 {
-		return nil, fmt.Errorf("mirror: invalid compare.maxBodySize %d: must be a size in bytes", c.MaxBodySize)
+	if c.MaxBodySize < 0 || c.MaxBodySize > maxCompareBody {
+		return nil, fmt.Errorf("mirror: invalid compare.maxBodySize %d: must be a size in bytes, at most %d", c.MaxBodySize, int64(maxCompareBody))
 	}
 	if c.Percent != c.Percent || c.Percent < 0 || c.Percent > 100 {
 		return nil, fmt.Errorf("mirror: invalid compare.percent %v: must be between 0 and 100", c.Percent)
@@ -94,13 +96,7 @@ func compileCompare(c *CompareConfig) (*compareSettings, error) {
 		}
 		s.ignorePaths = append(s.ignorePaths, segments)
 	}
-	if c.LogFile != "" {
-		l, err := openDiffLog(c.LogFile)
-		if err != nil {
-			return nil, fmt.Errorf("mirror: invalid compare.logFile %q: %w", c.LogFile, err)
-		}
-		s.log = l
-	}
+	s.logFile = c.LogFile
 	return s, nil
 }
 
@@ -110,16 +106,16 @@ type compareStats struct {
 
 	mu              sync.Mutex
 	reported        [numResults]int64
-	headersOnly     int64            // compared by status and headers: a body over the limit
-	reportedHeaders int64            // headersOnly at the last line
-	noise           map[string]int64 // differences by field ("json meta.timestamp", "header Etag")
-	primary, mirror []float64        // latency rings, in seconds
+	headersOnly     int64                  // compared by status and headers: a body over the limit
+	reportedHeaders int64                  // headersOnly at the last line
+	noise           map[string]*noiseCount // differences by field ("json meta.timestamp", "header Etag")
+	primary, mirror []float64              // latency rings, in seconds
 	next            int
 }
 
 func enableCompare(st *state) {
 	if st.compare.Load() == nil {
-		st.compare.CompareAndSwap(nil, &compareStats{noise: map[string]int64{}})
+		st.compare.CompareAndSwap(nil, &compareStats{noise: map[string]*noiseCount{}})
 	}
 }
 
@@ -414,8 +410,7 @@ func writeDifference(m *mirror, c *copyRequest, prim, mir side, diffs []differen
 	if err != nil {
 		return
 	}
-	if l := m.cfg.compare.log; l != nil {
-		l.write(b)
+	if l := m.cfg.compare.log; l != nil && l.write(b) {
 		return
 	}
 	m.st.error("mirror " + m.st.name + ": difference " + string(b))
@@ -560,17 +555,46 @@ func (cs *compareStats) record(prim, mir side, diffs []difference) {
 	if len(diffs) == 0 {
 		return
 	}
+	compared := atomic.LoadInt64(&cs.results[matched]) + atomic.LoadInt64(&cs.results[differed])
 	seen := map[string]bool{}
 	for _, d := range diffs {
 		key := noiseKey(d)
-		if seen[key] {
-			continue
-		}
-		seen[key] = true
-		if _, ok := cs.noise[key]; ok || len(cs.noise) < maxNoiseKeys {
-			cs.noise[key]++
+		if !seen[key] {
+			seen[key] = true
+			cs.countNoise(key, compared)
 		}
 	}
+}
+
+// noiseCount counts the answers in which one field differed, since it was first counted.
+type noiseCount struct {
+	n     int64 // answers in which it differed
+	over  int64 // how much n may overcount (see countNoise)
+	since int64 // answers compared before it was counted
+}
+
+// countNoise counts a field that differed in one more answer. The table keeps maxNoiseKeys
+// fields, keys cut as paths are cut: when it is full, the least-counted field gives way to the
+// new one, which starts from that count, noted as what it may overcount (the Space-Saving
+// algorithm), so that a field that starts to differ late is still counted, and found.
+func (cs *compareStats) countNoise(key string, compared int64) {
+	if c := cs.noise[key]; c != nil {
+		c.n++
+		return
+	}
+	c := &noiseCount{n: 1, since: compared}
+	if len(cs.noise) >= maxNoiseKeys {
+		var least string
+		var fewest *noiseCount // not min: Yaegi v0.16.1 does not know the builtin, keep clear of it
+		for k, v := range cs.noise {
+			if fewest == nil || v.n < fewest.n {
+				least, fewest = k, v
+			}
+		}
+		delete(cs.noise, least)
+		c.n, c.over = fewest.n+1, fewest.n
+	}
+	cs.noise[key] = c
 }
 
 // latencies keeps both sides' latencies of one comparison, for the percentiles.
@@ -622,12 +646,14 @@ func (cs *compareStats) summary() string {
 		parts = append(parts, "bodyOverLimit="+strconv.FormatInt(d, 10))
 	}
 	cs.reportedHeaders = cs.headersOnly
+	// A field is noise when it differed in noiseShare of the answers compared since it was first
+	// seen, at the least (what it may overcount left out).
 	var noisy []string
-	if compared >= noiseMinimum {
-		for key, n := range cs.noise {
-			if float64(n) >= noiseShare*float64(compared) {
-				noisy = append(noisy, key)
-			}
+	share := map[string]string{}
+	for key, c := range cs.noise {
+		if n, of := c.n-c.over, compared-c.since; of >= noiseMinimum && float64(n) >= noiseShare*float64(of) {
+			noisy = append(noisy, key)
+			share[key] = fmt.Sprintf("%.0f%% of %d", 100*float64(n)/float64(of), of)
 		}
 	}
 	sort.Strings(noisy)
@@ -639,8 +665,8 @@ func (cs *compareStats) summary() string {
 		} else if !strings.HasPrefix(key, "json ") {
 			continue // status and body differences are not noise
 		}
-		parts = append(parts, strconv.Quote(fmt.Sprintf("probable noise: %s differed in %.0f%% of %d compared; ignore it with %s",
-			field, 100*float64(cs.noise[key])/float64(compared), compared, option)))
+		parts = append(parts, strconv.Quote(fmt.Sprintf("probable noise: %s differed in %s compared; ignore it with %s",
+			field, share[key], option)))
 	}
 	return strings.Join(parts, " ")
 }
@@ -653,39 +679,72 @@ func percentile(ring []float64, p float64) string {
 }
 
 // diffLog is a file that difference lines are appended to, shared by every middleware that
-// names it, and opened again when it has been rotated away.
+// names it, and opened again when it has been rotated away. It is closed when no middleware
+// names it any more (see useDiffLog).
 type diffLog struct {
 	path    string
 	mu      sync.Mutex
-	f       *os.File
+	f       *os.File // nil once closed
 	checked time.Time
 }
 
+// diffLogs are the open log files by path; logFiles, what each middleware name was last built
+// with (a name no longer configured keeps its file open: Traefik says nothing of it).
 var (
 	diffLogsMu sync.Mutex
 	diffLogs   = map[string]*diffLog{}
+	logFiles   = map[*state]string{}
 )
 
-func openDiffLog(path string) (*diffLog, error) {
+// useDiffLog records the log file a middleware is built with ("" for none), opens it unless it
+// is open, and closes every file that no middleware names any more.
+func useDiffLog(st *state, path string) (*diffLog, error) {
 	diffLogsMu.Lock()
 	defer diffLogsMu.Unlock()
-	if l := diffLogs[path]; l != nil {
+	var l *diffLog
+	if path != "" {
+		if l = diffLogs[path]; l == nil {
+			f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+			if err != nil {
+				return nil, fmt.Errorf("mirror: invalid compare.logFile %q: %w", path, err)
+			}
+			l = &diffLog{path: path, f: f, checked: time.Now()}
+			diffLogs[path] = l
+		}
+	}
+	if logFiles[st] == path {
 		return l, nil
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, err
+	logFiles[st] = path
+	named := map[string]bool{}
+	for _, p := range logFiles {
+		named[p] = true
 	}
-	l := &diffLog{path: path, f: f, checked: time.Now()}
-	diffLogs[path] = l
+	for p, open := range diffLogs {
+		if !named[p] {
+			open.close()
+			delete(diffLogs, p)
+		}
+	}
 	return l, nil
 }
 
-// write appends one line. At most once a second it checks that the path still names the open
-// file, and opens it again if not (logrotate moved it away).
-func (l *diffLog) write(line []byte) {
+func (l *diffLog) close() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	_ = l.f.Close()
+	l.f = nil
+}
+
+// write appends one line; false if the file was closed (an instance built before a reload that
+// named another file: the line goes to Traefik's log). At most once a second it checks that
+// the path still names the open file, and opens it again if not (logrotate moved it away).
+func (l *diffLog) write(line []byte) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.f == nil {
+		return false
+	}
 	if time.Since(l.checked) >= time.Second {
 		l.checked = time.Now()
 		open, err1 := l.f.Stat()
@@ -698,4 +757,5 @@ func (l *diffLog) write(line []byte) {
 		}
 	}
 	_, _ = l.f.Write(append(line, '\n'))
+	return true
 }

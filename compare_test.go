@@ -195,7 +195,7 @@ func TestCompareClientGone(t *testing.T) {
 // A field that differs in nearly every compared answer is named as probable noise; array
 // indexes count as one field.
 func TestNoiseSummary(t *testing.T) {
-	cs := &compareStats{noise: map[string]int64{}}
+	cs := &compareStats{noise: map[string]*noiseCount{}}
 	for i := 0; i < 40; i++ {
 		diffs := []difference{{Kind: "json", Name: fmt.Sprintf("items.%d.updatedAt", i%3)}, {Kind: "header", Name: "X-Version"}}
 		if i%4 == 0 {
@@ -333,9 +333,9 @@ func testStreaming(t *testing.T, primary http.HandlerFunc, exp result, next chan
 // Difference lines go to compare.logFile, opened once, and again after it is rotated away.
 func TestCompareLogFileReopensAfterRotation(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "diff.log")
-	l, err := openDiffLog(path)
+	l, err := useDiffLog(stateFor(t.Name()+"-a"), path)
 	noError(t, err)
-	same, err := openDiffLog(path)
+	same, err := useDiffLog(stateFor(t.Name()+"-b"), path)
 	noError(t, err)
 	equal(t, same, l, "the file is opened once and shared")
 	l.write([]byte(`{"n":1}`))

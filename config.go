@@ -66,6 +66,10 @@ type Config struct {
 
 	// Compare compares the mirror's answers with the primary's.
 	Compare CompareConfig `json:"compare,omitempty"`
+
+	// FailClosed true makes a mistake in these options disable the routers that use the
+	// middleware (Traefik then answers 404); by default it is logged and nothing is mirrored.
+	FailClosed bool `json:"failClosed,omitempty"`
 }
 
 // CompareConfig is the compare block of the configuration.
@@ -101,6 +105,14 @@ func CreateConfig() *Config {
 
 // maxRetries bounds retries: every attempt must fit in the one timeout anyway.
 const maxRetries = 10
+
+// minCopyRate and maxCopyRate bound maxRate so that the time between two copies, in nanoseconds, and a
+// second's burst fit in an int64 (0.000001 is also the least a YAML float keeps through
+// Traefik's file provider, which keeps 6 decimals).
+const (
+	minCopyRate = 0.000001
+	maxCopyRate = 1e9
+)
 
 // settings is a validated Config, compiled once in New for the request path.
 type settings struct {
@@ -192,8 +204,8 @@ func compile(c *Config) (settings, error) {
 		return s, err
 	}
 
-	if math.IsNaN(c.MaxRate) || math.IsInf(c.MaxRate, 0) || c.MaxRate < 0 {
-		return s, fmt.Errorf("mirror: invalid maxRate %v: must be 0 (no cap) or copies per second", c.MaxRate)
+	if math.IsNaN(c.MaxRate) || c.MaxRate < 0 || c.MaxRate > 0 && (c.MaxRate < minCopyRate || c.MaxRate > maxCopyRate) {
+		return s, fmt.Errorf("mirror: invalid maxRate %v: must be 0 (no cap) or copies per second from 0.000001 to 1e9", c.MaxRate)
 	}
 	if c.MaxRate > 0 {
 		s.maxRate = c.MaxRate

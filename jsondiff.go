@@ -3,21 +3,25 @@ package mirror
 import (
 	"bytes"
 	"encoding/json"
-	"fmt"
+	"errors"
 	"sort"
 	"strconv"
 	"strings"
 )
 
-// The JSON comparison is bounded whatever the answers hold: the text is compared in compiled
-// code first (spacing aside, then as canonical encodings), and only answers that still differ
-// are walked, to at most maxJSONDepth levels and maxJSONNodes keys and elements. Past either,
-// a value is compared whole, by its canonical encoding, and reported as one difference. (An
-// interpreted walk costs about 5 KB of stack a level and microseconds a node: unbounded, two
-// 20 KB answers of 10,000 nested arrays cost 48 MB each.)
+// The JSON comparison is bounded whatever the answers hold. The texts are compared in compiled
+// code first, spacing aside; answers that still differ are walked one level at a time, each
+// level decoded into its members' raw texts (compiled, without recursion), to at most
+// maxJSONDepth levels, maxJSONNodes members and jsonScanFactor times the texts' bytes decoded
+// in all. Past any of these, a value is compared as written, spacing aside, and reported as one
+// difference told apart by digests. A text nested deeper than maxJSONNesting is not walked at
+// all. (Decoding a whole answer is no bound: 10,000 nested arrays cost ~15 ms to decode and ~70
+// ms to encode again, compiled; the interpreted recursive walk cost 48 MB of stack.)
 const (
-	maxJSONDepth = 32
-	maxJSONNodes = 4096
+	maxJSONDepth   = 32
+	maxJSONNodes   = 1000
+	maxJSONNesting = 128
+	jsonScanFactor = 4
 )
 
 // compareJSON compares two bodies as JSON values and appends each path that differs; ok is
@@ -27,18 +31,26 @@ func compareJSON(cmp *compareSettings, diffs []difference, p, q []byte) (_ []dif
 	if json.Compact(&a, p) != nil || json.Compact(&b, q) != nil {
 		return diffs, false
 	}
-	if bytes.Equal(a.Bytes(), b.Bytes()) {
-		return diffs, true // the same text, spacing aside
+	w := &jsonWalk{cmp: cmp, diffs: diffs, budget: maxJSONNodes, scan: jsonScanFactor * (a.Len() + b.Len())}
+	if !nestedWithin(a.Bytes()) || !nestedWithin(b.Bytes()) {
+		w.room(nil, maxJSONNodes+1, a.Bytes(), b.Bytes()) // one difference, if they differ
+		return w.diffs, true
 	}
-	var pv, qv any
-	if decodeJSON(a.Bytes(), &pv) != nil || decodeJSON(b.Bytes(), &qv) != nil {
-		return diffs, false
+	if sameCanonical(a.Bytes(), b.Bytes()) {
+		return diffs, true // the same value, keys in another order
 	}
-	w := &jsonWalk{cmp: cmp, diffs: diffs, budget: maxJSONNodes}
-	if !sameValue(pv, qv) { // the same value, keys in another order: no walk
-		w.value(nil, pv, qv)
-	}
+	w.value(nil, a.Bytes(), b.Bytes())
 	return w.diffs, true
+}
+
+// sameCanonical compares two texts nested at most maxJSONNesting levels as values: decoded and
+// encoded again, keys sorted, numbers as written (compiled, linear in their size).
+func sameCanonical(p, q []byte) bool {
+	var a, b any
+	if decodeJSON(p, &a) != nil || decodeJSON(q, &b) != nil {
+		return false
+	}
+	return bytes.Equal(canonical(a), canonical(b))
 }
 
 func decodeJSON(b []byte, v *any) error {
@@ -48,80 +60,99 @@ func decodeJSON(b []byte, v *any) error {
 		return err
 	}
 	if d.More() {
-		return fmt.Errorf("more than one JSON value")
+		return errors.New("more than one JSON value")
 	}
 	return nil
 }
 
 // canonical is a value's encoding with object keys sorted and numbers as written.
 func canonical(v any) []byte {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return []byte(fmt.Sprint(v))
-	}
+	b, _ := json.Marshal(v) // decoded JSON always encodes
 	return b
 }
 
-// sameValue compares two decoded values: scalars directly, containers by their canonical
-// encodings (compiled code, however large or deep).
-func sameValue(p, q any) bool {
-	if !isContainer(p) && !isContainer(q) {
-		return p == q
+// nestedWithin says whether a valid JSON text nests at most maxJSONNesting levels, in one
+// compiled pass: encoding/json refuses a text nested deeper than 10,000 levels, so the text
+// within 10,000 - maxJSONNesting more levels is valid only if it nests at most that.
+func nestedWithin(text []byte) bool {
+	if bytes.Count(text, []byte("["))+bytes.Count(text, []byte("{")) <= maxJSONNesting {
+		return true // few enough containers, however nested
 	}
-	return isContainer(p) && isContainer(q) && bytes.Equal(canonical(p), canonical(q))
+	b := make([]byte, 0, len(text)+2*len(nestingPad))
+	b = append(append(append(append(b, nestingPad...), text...), ']'), nestingEnd...)
+	return json.Valid(b)
 }
 
-// jsonWalk compares two decoded values depth first, keys in order, and appends each path that
+var (
+	nestingPad = bytes.Repeat([]byte("["), 10000-maxJSONNesting)
+	nestingEnd = bytes.Repeat([]byte("]"), 10000-maxJSONNesting-1)
+)
+
+// jsonWalk compares two JSON texts depth first, keys in order, and appends each path that
 // differs (objects' keys and arrays' indexes joined by dots), unless an ignoreJSONPaths matches.
 type jsonWalk struct {
 	cmp    *compareSettings
 	diffs  []difference
-	budget int // keys and elements that may still be looked at
+	budget int // members that may still be looked at
+	scan   int // bytes that may still be decoded
 }
 
-func (w *jsonWalk) value(path []string, p, q any) {
-	if len(w.diffs) >= maxDifferences || ignored(w.cmp, path) {
+// value compares two compact JSON texts.
+func (w *jsonWalk) value(path []string, p, q []byte) {
+	if len(w.diffs) >= maxDifferences || bytes.Equal(p, q) || ignored(w.cmp, path) {
 		return
 	}
-	switch pv := p.(type) {
-	case map[string]any:
-		if qv, ok := q.(map[string]any); ok {
-			w.object(path, pv, qv)
-			return
-		}
-	case []any:
-		if qv, ok := q.([]any); ok {
-			w.array(path, pv, qv)
-			return
-		}
-	}
-	if !sameValue(p, q) {
+	switch {
+	case p[0] == '{' && q[0] == '{':
+		w.object(path, p, q)
+	case p[0] == '[' && q[0] == '[':
+		w.array(path, p, q)
+	case p[0] == '"' && q[0] == '"' && sameString(p, q):
+	default:
 		w.diffs = append(w.diffs, jsonDifference(path, p, q, true, true))
 	}
 }
 
-// room takes n nodes from the budget, unless the path is too deep or the budget too small: the
-// two values are then one difference, told apart by the digests of their encodings.
-func (w *jsonWalk) room(path []string, n int, p, q any) bool {
+// sameString says whether two JSON strings written differently ("\u0041", "A") are the same.
+func sameString(p, q []byte) bool {
+	var a, b string
+	return json.Unmarshal(p, &a) == nil && json.Unmarshal(q, &b) == nil && a == b
+}
+
+// room takes n members from the budget, unless the path is too deep or a budget too small: the
+// two values are then one difference, told apart by the digests of their texts.
+func (w *jsonWalk) room(path []string, n int, p, q []byte) bool {
 	if len(path) < maxJSONDepth && n <= w.budget {
 		w.budget -= n
 		return true
 	}
-	d := difference{Kind: "json", Name: pathName(path), Primary: digest(canonical(p)), Mirror: digest(canonical(q))}
-	w.diffs = append(w.diffs, d)
+	if bytes.Equal(p, q) {
+		return false
+	}
+	w.diffs = append(w.diffs, difference{Kind: "json", Name: pathName(path), Primary: digest(p), Mirror: digest(q)})
 	return false
 }
 
-func (w *jsonWalk) object(path []string, p, q map[string]any) {
-	if !w.room(path, len(p)+len(q), p, q) {
+// decodable takes the bytes of two texts from the scan budget, or says one difference.
+func (w *jsonWalk) decodable(path []string, p, q []byte) bool {
+	if w.scan -= len(p) + len(q); w.scan >= 0 {
+		return true
+	}
+	w.budget = 0
+	return w.room(path, 1, p, q)
+}
+
+func (w *jsonWalk) object(path []string, p, q []byte) {
+	var pm, qm map[string]json.RawMessage
+	if !w.decodable(path, p, q) || json.Unmarshal(p, &pm) != nil || json.Unmarshal(q, &qm) != nil || !w.room(path, len(pm)+len(qm), p, q) {
 		return
 	}
-	keys := make([]string, 0, len(p)+len(q))
-	for k := range p {
+	keys := make([]string, 0, len(pm)+len(qm))
+	for k := range pm {
 		keys = append(keys, k)
 	}
-	for k := range q {
-		if _, seen := p[k]; !seen {
+	for k := range qm {
+		if _, seen := pm[k]; !seen {
 			keys = append(keys, k)
 		}
 	}
@@ -130,24 +161,26 @@ func (w *jsonWalk) object(path []string, p, q map[string]any) {
 		if len(w.diffs) >= maxDifferences {
 			return
 		}
-		a, inP := p[k]
-		b, inQ := q[k]
+		a, inP := pm[k]
+		b, inQ := qm[k]
 		child := append(path, k)
 		switch {
 		case inP && inQ:
-			if !sameValue(a, b) {
-				w.value(child, a, b)
-			}
+			w.value(child, a, b)
 		case !ignored(w.cmp, child):
 			w.diffs = append(w.diffs, jsonDifference(child, a, b, inP, inQ))
 		}
 	}
 }
 
-func (w *jsonWalk) array(path []string, p, q []any) {
-	n := len(p)
-	if len(q) > n {
-		n = len(q)
+func (w *jsonWalk) array(path []string, p, q []byte) {
+	var pa, qa []json.RawMessage
+	if !w.decodable(path, p, q) || json.Unmarshal(p, &pa) != nil || json.Unmarshal(q, &qa) != nil {
+		return
+	}
+	n := len(pa)
+	if len(qa) > n {
+		n = len(qa)
 	}
 	if !w.room(path, n, p, q) {
 		return
@@ -157,36 +190,22 @@ func (w *jsonWalk) array(path []string, p, q []any) {
 	for i := 0; i < n && len(w.diffs) < maxDifferences; i++ {
 		path[last] = strconv.Itoa(i)
 		switch {
-		case i < len(p) && i < len(q):
-			if !sameValue(p[i], q[i]) {
-				w.value(path, p[i], q[i])
-			}
+		case i < len(pa) && i < len(qa):
+			w.value(path, pa[i], qa[i])
 		case !ignored(w.cmp, path):
-			w.diffs = append(w.diffs, jsonDifference(path, index(p, i), index(q, i), i < len(p), i < len(q)))
+			w.diffs = append(w.diffs, jsonDifference(path, index(pa, i), index(qa, i), i < len(pa), i < len(qa)))
 		}
 	}
 }
 
-func index(a []any, i int) any {
+func index(a []json.RawMessage, i int) []byte {
 	if i < len(a) {
 		return a[i]
 	}
 	return nil
 }
 
-// isContainer says whether a JSON value is an object or an array. (A case each: Yaegi v0.16.1
-// misreads case lists.)
-func isContainer(v any) bool {
-	switch v.(type) {
-	case map[string]any:
-		return true
-	case []any:
-		return true
-	}
-	return false
-}
-
-func jsonDifference(path []string, p, q any, inP, inQ bool) difference {
+func jsonDifference(path []string, p, q []byte, inP, inQ bool) difference {
 	d := difference{Kind: "json", Name: pathName(path), Primary: "(absent)", Mirror: "(absent)"}
 	if inP {
 		d.Primary = jsonText(p)
@@ -197,8 +216,8 @@ func jsonDifference(path []string, p, q any, inP, inQ bool) difference {
 	return d
 }
 
-func jsonText(v any) string {
-	return truncate(string(canonical(v)))
+func jsonText(v []byte) string {
+	return truncate(string(v))
 }
 
 // pathName joins a path with dots, cut as values are cut: a key can be as long as the answer.

@@ -11,21 +11,39 @@ import (
 	"time"
 )
 
-// listeners are the metrics addresses this process serves, each started on first use and kept
-// for the life of the process: Traefik has no hook to stop a plugin, and a listener per
-// configuration reload would leak.
+// listeners are the metrics servers of this process, by address: one per address that some
+// middleware was last built with, kept across reloads and closed when no middleware names its
+// address any more (a name no longer configured keeps its address: Traefik says nothing of it).
 var (
 	listenersMu sync.Mutex
-	listeners   = map[string]bool{}
+	listeners   = map[string]*http.Server{}
 )
 
-// listenMetrics serves the metrics of every middleware configured with addr at
-// http://addr/metrics, unless that is done already. If addr cannot be bound, mirroring goes on
-// and the next configuration change tries again.
-func listenMetrics(st *state, addr string) {
+// The metrics server's bounds: a scraper that holds connections open, idle or slow, holds at
+// most maxMetricsConns of Traefik's file descriptors, each for a bounded time.
+const (
+	maxMetricsConns     = 32
+	metricsIdleTimeout  = 60 * time.Second
+	metricsReadTimeout  = 30 * time.Second
+	metricsWriteTimeout = 30 * time.Second
+)
+
+// useMetrics records the metrics address a middleware is built with ("" for none), serves
+// http://addr/metrics unless that is done already, and closes the servers of addresses that no
+// middleware names any more. If addr cannot be bound, mirroring goes on and the next
+// configuration build tries again.
+func useMetrics(st *state, addr string) {
 	listenersMu.Lock()
 	defer listenersMu.Unlock()
-	if listeners[addr] {
+	if old, _ := st.metricsAddress.Swap(addr).(string); old != addr && old != "" {
+		for a, srv := range listeners {
+			if len(states(a)) == 0 {
+				_ = srv.Close()
+				delete(listeners, a)
+			}
+		}
+	}
+	if addr == "" || listeners[addr] != nil {
 		return
 	}
 	l, err := net.Listen("tcp", addr)
@@ -33,7 +51,6 @@ func listenMetrics(st *state, addr string) {
 		st.error("mirror " + st.name + ": cannot serve metrics on metricsAddress " + addr + ": " + err.Error() + "; mirroring goes on without them")
 		return
 	}
-	listeners[addr] = true
 	mux := http.NewServeMux()
 	mux.HandleFunc("/metrics", func(rw http.ResponseWriter, _ *http.Request) {
 		rw.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -41,9 +58,22 @@ func listenMetrics(st *state, addr string) {
 		writeMetrics(w, states(addr))
 		_ = w.Flush()
 	})
-	srv := &http.Server{ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{
+		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: metricsReadTimeout,
+		WriteTimeout: metricsWriteTimeout, IdleTimeout: metricsIdleTimeout,
+	}
 	var h http.Handler = mux // set after construction: see PLUGIN-FACTS on Yaegi
 	srv.Handler = h
+	var open int64
+	srv.ConnState = func(c net.Conn, s http.ConnState) {
+		if s == http.StateNew && atomic.AddInt64(&open, 1) > maxMetricsConns {
+			_ = c.Close() // the server then reports it closed
+		}
+		if s == http.StateClosed || s == http.StateHijacked {
+			atomic.AddInt64(&open, -1)
+		}
+	}
+	listeners[addr] = srv
 	go serveForever(srv, l)
 }
 

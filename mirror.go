@@ -30,17 +30,27 @@ type mirror struct {
 	transport http.RoundTripper // shared by every instance with the same TLS settings
 }
 
-// New creates the mirroring middleware.
+// New creates the mirroring middleware. A mistake in its options never takes the router down
+// unless failClosed says so: the middleware then mirrors nothing, says why at ERROR, and hands
+// every request to the next handler.
 func New(_ context.Context, next http.Handler, config *Config, name string) (http.Handler, error) {
-	cfg, err := compile(config)
-	if err != nil {
-		return nil, err
-	}
 	st := stateFor(name)
-	st.metricsAddress.Store(cfg.metricsAddress)
-	if cfg.metricsAddress != "" {
-		listenMetrics(st, cfg.metricsAddress)
+	cfg, err := compile(config)
+	if err == nil && cfg.compare != nil {
+		cfg.compare.log, err = useDiffLog(st, cfg.compare.logFile)
 	}
+	if err != nil {
+		if config != nil && config.FailClosed {
+			return nil, err
+		}
+		return misconfigured(st, next, err), nil
+	}
+	st.configError.Store("")
+	if cfg.compare == nil {
+		_, _ = useDiffLog(st, "")
+	}
+	useMetrics(st, cfg.metricsAddress)
+	setRate(st, cfg.rateInterval)
 	if cfg.percent == 0 {
 		// Mirroring is off: the router gets its next handler itself, at no cost per request.
 		debugLine("mirror " + name + ": percent=0, mirroring is off")
@@ -54,6 +64,40 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 	st.debug(fmt.Sprintf("mirror %s: copying to %s percent=%v mirrorBody=%v maxBodySize=%d timeout=%s maxInflight=%d maxRate=%v retries=%d compare=%v",
 		name, cfg.base+cfg.baseRawPath, cfg.percent, cfg.mirrorBody, cfg.maxBodySize, cfg.timeout, cfg.maxInflight, cfg.maxRate, cfg.retries, cfg.compare != nil))
 	return m, nil
+}
+
+// misconfiguredHandler stands for a middleware whose options are wrong: it hands every request
+// to the next handler and repeats the error at most once per logInterval while requests come.
+type misconfiguredHandler struct {
+	next http.Handler
+	st   *state
+}
+
+func misconfigured(st *state, next http.Handler, err error) http.Handler {
+	line := "mirror " + st.name + ": " + strings.TrimPrefix(err.Error(), "mirror: ") +
+		"; mirroring is off and requests go on unmirrored (failClosed: true disables the routers instead)"
+	st.configError.Store(line)
+	st.nextConfigLine.Store(time.Now().Add(logInterval).UnixNano())
+	st.error(line)
+	return &misconfiguredHandler{next: next, st: st}
+}
+
+func (h *misconfiguredHandler) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
+	if next := h.st.nextConfigLine.Load(); time.Now().UnixNano() >= next {
+		repeatConfigError(h.st, next)
+	}
+	h.next.ServeHTTP(rw, req)
+}
+
+// repeatConfigError writes the configuration error again, once per logInterval, while it stands
+// (a later configuration may have fixed it).
+func repeatConfigError(st *state, due int64) {
+	if !st.nextConfigLine.CompareAndSwap(due, time.Now().Add(logInterval).UnixNano()) {
+		return
+	}
+	if line, _ := st.configError.Load().(string); line != "" {
+		st.error(line)
+	}
 }
 
 // ServeHTTP is interpreted by Yaegi on every request. Under Yaegi v0.16.1 every call allocates
@@ -84,7 +128,7 @@ func gate(m *mirror, rw http.ResponseWriter, req *http.Request) {
 	case m.cfg.byShare < 1 && !sampledBy(m, req):
 		atomic.AddInt64(&m.st.counts[sampledOut], 1)
 	case m.cfg.methods != nil && !m.cfg.methods[req.Method] ||
-		m.cfg.pathRegex != nil && !m.cfg.pathRegex.MatchString(req.URL.Path) ||
+		m.cfg.pathRegex != nil && (len(req.URL.Path) > maxMatched || !m.cfg.pathRegex.MatchString(req.URL.Path)) ||
 		m.cfg.matchHeaders != nil && !matchHeaders(m, req):
 		atomic.AddInt64(&m.st.counts[filtered], 1)
 	default:
@@ -106,6 +150,11 @@ func sampledBy(m *mirror, req *http.Request) bool {
 	return float64(binary.BigEndian.Uint64(sum[:8])) < m.cfg.byShare*(1<<64)
 }
 
+// maxMatched is the longest path or header value that pathRegex and matchHeaders look at: a
+// longer one never matches, and the request is filtered out. (Go's regexps run in linear time,
+// but an unanchored pattern over a value of a megabyte costs ~150 ms of a core.)
+const maxMatched = 8 << 10
+
 // matchHeaders says whether every matchHeaders header has a value that matches.
 func matchHeaders(m *mirror, req *http.Request) bool {
 	for _, hm := range m.cfg.matchHeaders {
@@ -118,7 +167,7 @@ func matchHeaders(m *mirror, req *http.Request) bool {
 
 func matchesAny(re *regexp.Regexp, values []string) bool {
 	for _, v := range values {
-		if re.MatchString(v) {
+		if len(v) <= maxMatched && re.MatchString(v) {
 			return true
 		}
 	}

@@ -15,6 +15,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"reflect"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -302,6 +303,10 @@ func TestNewRejectsBadConfiguration(t *testing.T) {
 		{"compare.ignoreHeaders", func(c *Config) { c.Compare.Enabled, c.Compare.IgnoreHeaders = true, []string{"A B"} }, `invalid compare.ignoreHeaders "A B"`},
 		{"compare.ignoreJSONPaths", func(c *Config) { c.Compare.Enabled, c.Compare.IgnoreJSONPaths = true, []string{"a..b"} }, `invalid compare.ignoreJSONPaths "a..b": empty segment`},
 		{"compare.logFile", func(c *Config) { c.Compare.Enabled, c.Compare.LogFile = true, "/nonexistent/dir/diff.log" }, `invalid compare.logFile "/nonexistent/dir/diff.log": open`},
+		{"maxRate too small", func(c *Config) { c.MaxRate = 1e-10 }, "invalid maxRate 1e-10: must be 0 (no cap) or copies per second from 0.000001 to 1e9"},
+		{"maxRate too large", func(c *Config) { c.MaxRate = 1e19 }, "invalid maxRate 1e+19"},
+		{"maxRate infinite", func(c *Config) { c.MaxRate = math.Inf(1) }, "invalid maxRate +Inf"},
+		{"compare.maxBodySize too large", func(c *Config) { c.Compare.Enabled, c.Compare.MaxBodySize = true, math.MaxInt64 }, "invalid compare.maxBodySize 9223372036854775807: must be a size in bytes, at most 1073741824"},
 	}
 	for _, test := range tests {
 		t.Run(test.desc, func(t *testing.T) {
@@ -309,15 +314,129 @@ func TestNewRejectsBadConfiguration(t *testing.T) {
 			cfg := CreateConfig()
 			cfg.URL = "http://127.0.0.1:1"
 			test.change(cfg)
+			cfg.FailClosed = true
 			h, err := New(context.Background(), http.NotFoundHandler(), cfg, testName(t))
 			if err == nil {
-				t.Fatalf("got no error, want %q", "mirror: "+test.expErr)
+				t.Fatalf("failClosed: got no error, want %q", "mirror: "+test.expErr)
 			}
 			if h != nil {
-				t.Errorf("got handler %v, want nil", h)
+				t.Errorf("failClosed: got handler %v, want nil", h)
 			}
 			contains(t, err.Error(), "mirror: "+test.expErr)
 		})
+	}
+}
+
+// The loop header keeps the last maxLoopTokens-1 tokens it arrived with, then this process's,
+// and a header of a megabyte of commas costs no more than a few tokens do.
+func TestLoopTokens(t *testing.T) {
+	var many []string
+	for i := 0; i < 20; i++ {
+		many = append(many, fmt.Sprintf("t%d", i))
+	}
+	for _, test := range []struct {
+		desc   string
+		values []string
+		exp    string
+	}{
+		{"one value", []string{"a, b"}, "a, b, " + processToken},
+		{"several values, spaces and empty tokens", []string{" a ,, b", "", "c,"}, "a, b, c, " + processToken},
+		{"commas only", []string{",,,"}, processToken},
+		{"the last tokens", []string{strings.Join(many, ",")}, strings.Join(many[5:], ", ") + ", " + processToken},
+		{"the last values", many, strings.Join(many[5:], ", ") + ", " + processToken},
+	} {
+		equal(t, strings.Join(loopTokens(test.values), "|"), test.exp, test.desc)
+	}
+	commas := []string{strings.Repeat(",", 1<<20) + "a"}
+	allocs := testing.AllocsPerRun(10, func() { loopTokens(commas) })
+	if allocs > 4 {
+		t.Errorf("a megabyte of commas: %v allocations, want at most 4", allocs)
+	}
+	spaced := []string{strings.Repeat(", ", 1<<19)}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	loopTokens(spaced)
+	runtime.ReadMemStats(&after)
+	if grown := after.TotalAlloc - before.TotalAlloc; grown > 64<<10 {
+		t.Errorf("a megabyte of commas and spaces allocated %d KiB", grown>>10)
+	}
+}
+
+// By default a mistake in the options never takes the router down: the middleware says why at
+// ERROR, again at most once per logInterval while requests come, and hands every request to
+// the next handler, copying nothing.
+func TestBadConfigurationFailsOpen(t *testing.T) {
+	mirrored := make(chan string, 10)
+	shadow := httptest.NewServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) { mirrored <- r.URL.Path }))
+	t.Cleanup(shadow.Close)
+	name := testName(t)
+	st := stateFor(name)
+	var lines syncBuffer
+	st.error = func(line string) { _, _ = lines.Write([]byte(line + "\n")) }
+	cfg := CreateConfig()
+	cfg.URL = shadow.URL
+	cfg.Timeout = "5"
+	var served atomic.Int64
+	next := http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) { served.Add(1); rw.WriteHeader(http.StatusTeapot) })
+	h, err := New(context.Background(), next, cfg, name)
+	noError(t, err)
+	want := "mirror " + name + `: invalid timeout "5": time: missing unit in duration "5"; mirroring is off`
+	equal(t, strings.Count(lines.String(), want), 1, "error lines after New")
+
+	serveOne := func() {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/a", strings.NewReader("body")))
+		equal(t, rec.Code, http.StatusTeapot, "the client's answer")
+	}
+	serveOne()
+	serveOne()
+	equal(t, served.Load(), int64(2), "requests served by the next handler")
+	equal(t, strings.Count(lines.String(), want), 1, "error lines within the interval")
+	st.nextConfigLine.Store(time.Now().UnixNano()) // as if logInterval had passed
+	serveOne()
+	equal(t, strings.Count(lines.String(), want), 2, "error lines after the interval")
+
+	// The options fixed: the same name mirrors again, and the old error is not repeated.
+	cfg.Timeout = "5s"
+	h, err = New(context.Background(), next, cfg, name)
+	noError(t, err)
+	serveOne()
+	select {
+	case p := <-mirrored:
+		equal(t, p, "/a", "the copy's path")
+	case <-time.After(waitLimit):
+		t.Fatal("no copy once the options are fixed")
+	}
+	st.nextConfigLine.Store(0)
+	repeatConfigError(st, 0)
+	equal(t, strings.Count(lines.String(), want), 2, "error lines once fixed")
+}
+
+// A new maxRate applies at once, whatever the budget computed from the old one.
+func TestRateChangeAppliesAtOnce(t *testing.T) {
+	name := testName(t)
+	build := func(rate float64) *mirror {
+		cfg := CreateConfig()
+		cfg.URL = "http://127.0.0.1:1"
+		cfg.MaxRate = rate
+		h, err := New(context.Background(), http.NotFoundHandler(), cfg, name)
+		noError(t, err)
+		return h.(*mirror)
+	}
+	m := build(0.001)
+	equal(t, allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance), true, "the first copy at 0.001/s")
+	equal(t, allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance), false, "the second copy at 0.001/s")
+	m = build(0.001) // another router, or a reload with the same rate: the budget is kept
+	equal(t, allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance), false, "a copy after a rebuild at the same rate")
+	m = build(1000)
+	allowed := 0
+	for i := 0; i < 2000; i++ {
+		if allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance) {
+			allowed++
+		}
+	}
+	if allowed < 1000 || allowed > 1010 { // a burst of one second's worth, and what the loop's time adds
+		t.Errorf("copies allowed at once at the new rate of 1000/s: got %d, want 1000", allowed)
 	}
 }
 
@@ -1108,4 +1227,43 @@ func newUpstreamOn(t *testing.T, addr string) *upstream {
 	u.Start()
 	t.Cleanup(u.Close)
 	return u
+}
+
+// A mirror that answers 101 Switching Protocols to a copy and holds the connection fails the
+// copy at once: its slot does not wait for the mirror to close, and the connection is closed.
+func TestMirrorAnswering101FailsAtOnce(t *testing.T) {
+	closed := make(chan struct{})
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	cfg := CreateConfig()
+	cfg.Timeout = "30s"
+	s := newStack(t, cfg, func(rw http.ResponseWriter, _ *http.Request) {
+		conn, buf, err := rw.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		_, _ = buf.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+		_ = buf.Flush()
+		go func() {
+			select {
+			case <-release:
+			case <-time.After(time.Minute):
+			}
+			conn.Close()
+		}()
+		if _, err := buf.ReadByte(); err != nil {
+			close(closed) // Traefik's side closed the connection
+		}
+	})
+	status, _ := s.do(t, newRequest(t, http.MethodGet, s.front.URL+"/", nil))
+	equal(t, status, http.StatusOK, "status")
+	s.waitOutcome(t, failed, 1)
+	equal(t, inflight(s.m), 0, "copies holding a slot")
+	select {
+	case <-closed:
+	case <-time.After(waitLimit):
+		t.Fatal("the upgraded connection to the mirror was not closed")
+	}
+	eventually(t, func() bool { return strings.Contains(s.stderr.String(), "101 Switching Protocols") }, "no error line about the 101: %q", s.stderr.String())
 }

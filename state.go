@@ -52,6 +52,7 @@ type state struct {
 	retries     int64              // atomic
 	copiedBytes int64              // atomic: body bytes sent to the mirror
 	tat         int64              // atomic: when the rate budget is next whole, unix nanoseconds
+	rate        int64              // atomic: the rate interval tat was computed with
 	paused      atomic.Bool        // the mirror refused a connection a moment ago
 
 	durations   [12]int64      // atomic: copies by durationBuckets, then over the last bound
@@ -64,6 +65,9 @@ type state struct {
 	pending  atomic.Bool  // a line is due; the next outcome need not schedule one
 	nextLine atomic.Int64 // unix nanoseconds before which no line is written
 	lastErr  atomic.Value // string
+
+	configError    atomic.Value // string: why the last build of this middleware failed, or ""
+	nextConfigLine atomic.Int64 // unix nanoseconds before which configError is not repeated
 
 	mu              sync.Mutex
 	reported        [numOutcomes]int64
@@ -161,6 +165,15 @@ func allow(st *state, interval, tolerance int64) bool {
 		if atomic.CompareAndSwapInt64(&st.tat, old, tat+interval) {
 			return true
 		}
+	}
+}
+
+// setRate starts the rate budget afresh when a configuration changes maxRate: the time at which
+// the old budget is whole may be far ahead (1,000 s at 0.001 copies per second), and a new rate
+// applies at once.
+func setRate(st *state, interval int64) {
+	if atomic.SwapInt64(&st.rate, interval) != interval {
+		atomic.StoreInt64(&st.tat, 0)
 	}
 }
 
