@@ -184,9 +184,21 @@ func TestYaegiRejectsBadConfiguration(t *testing.T) {
 		{"relative url", map[string]any{"url": "mirror/x"}, `mirror: invalid url "mirror/x"`},
 		{"maxInflight 0", map[string]any{"url": "http://127.0.0.1:1", "maxInflight": "0"}, "mirror: invalid maxInflight 0"},
 	}
+	teapot := http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) { rw.WriteHeader(http.StatusTeapot) })
 	for _, test := range tests {
 		t.Run(test.desc, func(t *testing.T) {
-			h, err := p.handler(http.NotFoundHandler(), test.config, "bad@file")
+			// By default the middleware fails open: every request goes to the next handler.
+			h, err := p.handler(teapot, test.config, "bad@file")
+			require.NoError(t, err)
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/", nil))
+			assert.Equal(t, http.StatusTeapot, rec.Code)
+
+			closed := map[string]any{"failClosed": "true"}
+			for k, v := range test.config {
+				closed[k] = v
+			}
+			h, err = p.handler(teapot, closed, "bad@file")
 			require.Error(t, err)
 			assert.Nil(t, h)
 			assert.Contains(t, err.Error(), test.expErr)
