@@ -32,20 +32,24 @@ func compareJSON(cmp *compareSettings, diffs []difference, p, q []byte) (_ []dif
 		return diffs, false
 	}
 	w := &jsonWalk{cmp: cmp, diffs: diffs, budget: maxJSONNodes, scan: jsonScanFactor * (a.Len() + b.Len())}
-	if !nestedWithin(a.Bytes()) || !nestedWithin(b.Bytes()) {
-		w.room(nil, maxJSONNodes+1, a.Bytes(), b.Bytes()) // one difference, if they differ
-		return w.diffs, true
+	if bytes.Equal(a.Bytes(), b.Bytes()) {
+		return diffs, true
 	}
-	if sameCanonical(a.Bytes(), b.Bytes()) {
-		return diffs, true // the same value, keys in another order
+	if !nestedWithin(a.Bytes()) || !nestedWithin(b.Bytes()) {
+		w.diffs = append(w.diffs, w.asWritten(nil, a.Bytes(), b.Bytes()))
+		return w.diffs, true
 	}
 	w.value(nil, a.Bytes(), b.Bytes())
 	return w.diffs, true
 }
 
 // sameCanonical compares two texts nested at most maxJSONNesting levels as values: decoded and
-// encoded again, keys sorted, numbers as written (compiled, linear in their size).
+// encoded again, keys sorted, numbers as written (compiled, linear in their size). Texts
+// without an object are the same value only if they are the same text.
 func sameCanonical(p, q []byte) bool {
+	if bytes.IndexByte(p, '{') < 0 && bytes.IndexByte(q, '{') < 0 {
+		return false // compact texts that differ, and no key order to tell them apart
+	}
 	var a, b any
 	if decodeJSON(p, &a) != nil || decodeJSON(q, &b) != nil {
 		return false
@@ -120,17 +124,22 @@ func sameString(p, q []byte) bool {
 }
 
 // room takes n members from the budget, unless the path is too deep or a budget too small: the
-// two values are then one difference, told apart by the digests of their texts.
+// two values are then compared whole, and are one difference if they differ.
 func (w *jsonWalk) room(path []string, n int, p, q []byte) bool {
 	if len(path) < maxJSONDepth && n <= w.budget {
 		w.budget -= n
 		return true
 	}
-	if bytes.Equal(p, q) {
-		return false
+	if !sameCanonical(p, q) { // the same but for key order, is the same: the walk found no more
+		w.diffs = append(w.diffs, w.asWritten(path, p, q))
 	}
-	w.diffs = append(w.diffs, difference{Kind: "json", Name: pathName(path), Primary: digest(p), Mirror: digest(q)})
 	return false
+}
+
+// asWritten is the one difference of two values compared whole, told apart by the digests of
+// their texts.
+func (w *jsonWalk) asWritten(path []string, p, q []byte) difference {
+	return difference{Kind: "json", Name: pathName(path), Primary: digest(p), Mirror: digest(q)}
 }
 
 // decodable takes the bytes of two texts from the scan budget, or says one difference.
@@ -175,7 +184,8 @@ func (w *jsonWalk) object(path []string, p, q []byte) {
 
 func (w *jsonWalk) array(path []string, p, q []byte) {
 	var pa, qa []json.RawMessage
-	if !w.decodable(path, p, q) || json.Unmarshal(p, &pa) != nil || json.Unmarshal(q, &qa) != nil {
+	if !w.decodable(path, p, q) || json.Unmarshal(p, &pa) != nil || len(pa) > w.budget && !w.room(path, len(pa), p, q) ||
+		json.Unmarshal(q, &qa) != nil {
 		return
 	}
 	n := len(pa)

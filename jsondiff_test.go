@@ -206,3 +206,44 @@ func TestNestedWithin(t *testing.T) {
 		equal(t, nestedWithin([]byte(test.text)), test.exp, fmt.Sprintf("nestedWithin of %.40s...", test.text))
 	}
 }
+
+// jsonShapes are answers that differ, as a client or a mirror can make them, for the
+// comparison's benchmark (compiled here; under Yaegi, the walk's few interpreted steps add to
+// it, see BENCHMARKS.md).
+func jsonShapes() map[string][2]string {
+	var wide, items strings.Builder
+	wide.WriteString("[")
+	items.WriteString(`{"items":[`)
+	for i := 0; i < 20000; i++ {
+		if i > 0 {
+			wide.WriteString(",")
+		}
+		fmt.Fprintf(&wide, "%d", i)
+	}
+	for i := 0; i < 500; i++ {
+		if i > 0 {
+			items.WriteString(",")
+		}
+		fmt.Fprintf(&items, `{"id":%d,"name":"item %d","price":{"amount":4.5,"currency":"EUR"},"tags":["a","b"]}`, i, i)
+	}
+	wide.WriteString("]")
+	items.WriteString(`],"meta":{"requestTime":1}}`)
+	return map[string][2]string{
+		"nested10000": {nested(10000, "1"), nested(10000, "2")},
+		"wide20000":   {wide.String(), strings.Replace(wide.String(), ",19999]", ",20000]", 1)},
+		"items500":    {items.String(), strings.Replace(items.String(), `"requestTime":1`, `"requestTime":2`, 1)},
+	}
+}
+
+func BenchmarkJSONComparison(b *testing.B) {
+	cmp := &compareSettings{ignoreHeaders: map[string]bool{}}
+	for name, pair := range jsonShapes() {
+		p, q := jsonSide(200, pair[0]), jsonSide(200, pair[1])
+		b.Run(fmt.Sprintf("%s_%dKB", name, len(pair[0])>>10), func(b *testing.B) {
+			b.ReportAllocs()
+			for i := 0; i < b.N; i++ {
+				differences(cmp, p, q)
+			}
+		})
+	}
+}
