@@ -253,7 +253,7 @@ func compareAnswer(ctx context.Context, m *mirror, c *copyRequest, resp *http.Re
 		atomic.AddInt64(&st.results[matched], 1)
 		return
 	}
-	judge(ctx, m, c, st, mir)
+	judge(m, c, st, mir)
 }
 
 // meant undoes a gzip that only the mirror's side has: when the client asked for no encoding,
@@ -339,17 +339,19 @@ func sameHeaders(cmp *compareSettings, p, q http.Header) bool {
 }
 
 // judge compares answers that are not the same bytes, counts the result and writes the
-// difference line, if any. One comparison at a time is judged in this process (judging), so
-// that however many copies are compared at once, their decoded JSON is in memory one at a time
-// and the judging takes at most one core from the clients; a copy that waited past its
-// deadline is not compared.
-func judge(ctx context.Context, m *mirror, c *copyRequest, st *compareStats, mir *side) {
-	judging.Lock()
-	defer judging.Unlock()
-	if ctx.Err() != nil {
+// difference line, if any. One comparison at a time is judged in this process: however many
+// copies are compared at once, their decoded JSON is in memory one at a time and the judging
+// takes at most one core from the clients. At most maxJudgeQueue more wait their turn: an
+// answer that differs beyond that is not compared (its copy would hold its slot waiting).
+func judge(m *mirror, c *copyRequest, st *compareStats, mir *side) {
+	if atomic.AddInt64(&judgeQueue, 1) > maxJudgeQueue+1 {
+		atomic.AddInt64(&judgeQueue, -1)
 		atomic.AddInt64(&st.results[notCompared], 1)
 		return
 	}
+	judging.Lock()
+	defer atomic.AddInt64(&judgeQueue, -1)
+	defer judging.Unlock()
 	w := c.capture
 	prim := side{code: w.code, header: w.header, body: w.body, over: w.over, latency: w.latency}
 	diffs := differences(m.cfg.compare, prim, *mir)
@@ -362,7 +364,13 @@ func judge(ctx context.Context, m *mirror, c *copyRequest, st *compareStats, mir
 	writeDifference(m, c, prim, *mir, diffs)
 }
 
-var judging sync.Mutex
+// maxJudgeQueue is how many answers that differ may wait while another is judged.
+const maxJudgeQueue = 8
+
+var (
+	judging    sync.Mutex
+	judgeQueue int64 // atomic: answers being judged or waiting for it
+)
 
 // difference is one way in which the answers differ.
 type difference struct {
