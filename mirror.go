@@ -50,7 +50,6 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 		_, _ = useDiffLog(st, "")
 	}
 	useMetrics(st, cfg.metricsAddress)
-	setRate(st, cfg.rateInterval)
 	if cfg.percent == 0 {
 		// Mirroring is off: the router gets its next handler itself, at no cost per request.
 		debugLine("mirror " + name + ": percent=0, mirroring is off")
@@ -76,9 +75,14 @@ type misconfiguredHandler struct {
 func misconfigured(st *state, next http.Handler, err error) http.Handler {
 	line := "mirror " + st.name + ": " + strings.TrimPrefix(err.Error(), "mirror: ") +
 		"; mirroring is off and requests go on unmirrored (failClosed: true disables the routers instead)"
-	st.configError.Store(line)
-	st.nextConfigLine.Store(time.Now().Add(logInterval).UnixNano())
-	st.error(line)
+	// Once per router and per reload New says the same: the line is written when it is new, and
+	// then once per logInterval at most.
+	if old, _ := st.configError.Swap(line).(string); old != line {
+		st.nextConfigLine.Store(time.Now().Add(logInterval).UnixNano())
+		st.error(line)
+	} else if due := st.nextConfigLine.Load(); time.Now().UnixNano() >= due {
+		repeatConfigError(st, due)
+	}
 	return &misconfiguredHandler{next: next, st: st}
 }
 

@@ -382,6 +382,9 @@ func TestBadConfigurationFailsOpen(t *testing.T) {
 	noError(t, err)
 	want := "mirror " + name + `: invalid timeout "5": time: missing unit in duration "5"; mirroring is off`
 	equal(t, strings.Count(lines.String(), want), 1, "error lines after New")
+	_, err = New(context.Background(), next, cfg, name) // another router, or a reload
+	noError(t, err)
+	equal(t, strings.Count(lines.String(), want), 1, "error lines after New again")
 
 	serveOne := func() {
 		rec := httptest.NewRecorder()

@@ -52,7 +52,6 @@ type state struct {
 	retries     int64              // atomic
 	copiedBytes int64              // atomic: body bytes sent to the mirror
 	tat         int64              // atomic: when the rate budget is next whole, unix nanoseconds
-	rate        int64              // atomic: the rate interval tat was computed with
 	paused      atomic.Bool        // the mirror refused a connection a moment ago
 
 	durations   [12]int64      // atomic: copies by durationBuckets, then over the last bound
@@ -150,13 +149,16 @@ func (st *state) get(k outcome) int64 {
 }
 
 // allow takes one copy from the rate budget (a token bucket kept as the time at which it is
-// next full, GCRA): a copy is allowed when that time is at most tolerance ahead of now.
+// next full, GCRA): a copy is allowed when that time is at most tolerance ahead of now. A time
+// further ahead than this rate ever sets it was set at another rate, before a reload (1,000 s
+// ahead at 0.001 copies per second, even by an old instance serving after the new one was
+// built): the budget then starts afresh, and a new maxRate applies at once.
 func allow(st *state, interval, tolerance int64) bool {
 	now := time.Now().UnixNano()
 	for {
 		old := atomic.LoadInt64(&st.tat)
 		tat := old
-		if tat < now {
+		if tat < now || tat-now > tolerance+interval {
 			tat = now
 		}
 		if tat-now > tolerance {
@@ -165,15 +167,6 @@ func allow(st *state, interval, tolerance int64) bool {
 		if atomic.CompareAndSwapInt64(&st.tat, old, tat+interval) {
 			return true
 		}
-	}
-}
-
-// setRate starts the rate budget afresh when a configuration changes maxRate: the time at which
-// the old budget is whole may be far ahead (1,000 s at 0.001 copies per second), and a new rate
-// applies at once.
-func setRate(st *state, interval int64) {
-	if atomic.SwapInt64(&st.rate, interval) != interval {
-		atomic.StoreInt64(&st.tat, 0)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -526,31 +527,124 @@ func TestTraefikReloadsUnderTraffic(t *testing.T) {
 	assert.Less(t, after-before, 15, "goroutines grow across reloads: a leak of one per reload would show")
 }
 
+// A mistake in a middleware's options turns its mirroring off, said at ERROR (again at most
+// every 10 s while requests come), and its router keeps serving the primary; with failClosed: true
+// the router is disabled instead, as it is by Traefik's own decoding errors, which come before New.
 func TestTraefikBadConfiguration(t *testing.T) {
+	dir := t.TempDir()
 	d := exampleDynamic(t)
-	d.Mirror("no-url", map[string]any{"url": nil})
-	d.Mirror("bad-timeout", map[string]any{"timeout": "5"})
-	d.Mirror("bad-percent", map[string]any{"percent": 150})
-	d.Router("no-url", "/no-url", "primary", "no-url")
-	d.Router("bad-timeout", "/bad-timeout", "primary", "bad-timeout")
-	d.Router("bad-percent", "/bad-percent", "primary", "bad-percent")
-	d.Router("api", "/good", "primary", "mirror-api") // no catch-all for the broken routers to fall to
-	e := startE2E(t, d, "api")
-	require.NoError(t, e.traefik.WaitRouters("disabled", "no-url", "bad-timeout", "bad-percent"))
-	for path, msg := range map[string]string{
-		"/no-url":      "mirror: option url is required",
-		"/bad-timeout": `mirror: invalid timeout \"5\"`,
-		"/bad-percent": "mirror: invalid percent 150",
-	} {
-		r := harness.Do(e.client, e.request(t, http.MethodGet, path, nil))
-		require.NoError(t, r.Err)
-		assert.Equal(t, http.StatusNotFound, r.Status, path)
-		assert.Contains(t, e.traefik.Log(), msg)
+	failOpen := map[string]struct {
+		options map[string]any
+		msg     string
+	}{
+		"bad-timeout": {map[string]any{"timeout": "5"}, `invalid timeout "5"`},
+		"bad-logfile": {map[string]any{"compare": map[string]any{"enabled": true, "logFile": filepath.Join(dir, "missing", "diff.log")}},
+			`invalid compare.logFile "` + filepath.Join(dir, "missing", "diff.log") + `"`},
+		"bad-cafile": {map[string]any{"url": "https://" + harness.ExampleMirror, "caFile": filepath.Join(dir, "ca.pem")},
+			`invalid caFile "` + filepath.Join(dir, "ca.pem") + `"`},
+		"no-url":      {map[string]any{"url": nil}, "option url is required"},
+		"bad-percent": {map[string]any{"percent": 150}, "invalid percent 150"},
 	}
+	for name, c := range failOpen {
+		d.Mirror(name, c.options)
+		d.Router(name, "/"+name, "primary", name)
+	}
+	d.Mirror("closed", map[string]any{"timeout": "5", "failClosed": true})
+	d.Router("closed", "/closed", "primary", "closed")
+	d.Mirror("undecodable", map[string]any{"percent": "abc"})
+	d.Router("undecodable", "/undecodable", "primary", "undecodable")
+	d.Router("api", "/good", "primary", "mirror-api") // no catch-all for the disabled routers to fall to
+	e := startE2EWith(t, e2eOpts{dynamic: d, noWait: true})
+	require.NoError(t, e.traefik.WaitRouters("disabled", "closed", "undecodable"))
+	routers, err := e.traefik.Routers()
+	require.NoError(t, err)
+	assert.Equal(t, "enabled", routers["api@file"])
+
+	logLines := func(parts ...string) []string {
+		var found []string
+		for _, l := range strings.Split(ansiEscape.ReplaceAllString(e.traefik.Log(), ""), "\n") {
+			all := true
+			for _, p := range parts {
+				all = all && strings.Contains(l, p)
+			}
+			if all {
+				found = append(found, l)
+			}
+		}
+		return found
+	}
+	for name, c := range failOpen {
+		assert.Equal(t, "enabled", routers[name+"@file"], "%s: the router", name)
+		r := harness.Do(e.client, e.request(t, http.MethodPost, "/"+name, strings.NewReader("body")))
+		require.NoError(t, r.Err)
+		if !assert.Equal(t, http.StatusOK, r.Status, name) {
+			continue
+		}
+		if p, ok := e.primary.Next(waitLimit); assert.True(t, ok, "%s: the primary", name) {
+			assert.Equal(t, "/"+name, p.Path)
+			assert.Equal(t, "body", string(p.Body))
+		}
+		lines := logLines("mirror "+name+"@file: ", c.msg)
+		if assert.NotEmpty(t, lines, "%s: no line with %q", name, c.msg) {
+			t.Logf("%s", lines[0])
+			assert.Contains(t, lines[0], " ERR ", "%s: logged at ERROR", name)
+			assert.Contains(t, lines[0], "mirroring is off", name)
+		}
+	}
+	for _, name := range []string{"closed", "undecodable"} {
+		r := harness.Do(e.client, e.request(t, http.MethodGet, "/"+name, nil))
+		require.NoError(t, r.Err)
+		assert.Equal(t, http.StatusNotFound, r.Status, "%s: the disabled router", name)
+	}
+	// failClosed: New's error, as Traefik logs it with the router.
+	closed := logLines("closed@file", `invalid timeout \"5\"`)
+	if assert.NotEmpty(t, closed, "failClosed: Traefik's line with the error") {
+		t.Logf("%s", closed[0])
+		assert.Contains(t, closed[0], " ERR ")
+	}
+	assert.Empty(t, logLines("mirror closed@file: "), "failClosed: the plugin's own line")
+	// A value Traefik cannot decode fails before New: Traefik's error alone, which the plugin
+	// cannot turn into a logged, unmirrored router.
+	undecodable := logLines("undecodable@file", "abc")
+	if assert.NotEmpty(t, undecodable, "Traefik's decoding error") {
+		t.Logf("%s", undecodable[0])
+		assert.Contains(t, undecodable[0], " ERR ")
+		assert.Contains(t, undecodable[0], "failed to decode configuration")
+		assert.NotContains(t, undecodable[0], "mirror:", "the plugin's New never ran")
+	}
+	assert.Empty(t, logLines("mirror undecodable@file: "))
+
+	// The good router still mirrors; its copy is the first and only one to reach the mirror.
 	r := harness.Do(e.client, e.request(t, http.MethodGet, "/good", nil))
 	require.NoError(t, r.Err)
 	assert.Equal(t, http.StatusOK, r.Status)
-	_, ok := e.mirror.Next(waitLimit)
-	assert.True(t, ok, "the good router still mirrors")
+	c, ok := e.mirror.Next(waitLimit)
+	require.True(t, ok, "the good router still mirrors")
+	assert.Equal(t, "/good", c.Path)
+	assert.Equal(t, 1, e.mirror.Count(), "copies from misconfigured middlewares")
+
+	// The ERROR line comes again while requests keep coming, but at most once per 10 s.
+	repeats := func() []string { return logLines("mirror bad-timeout@file: ", "invalid timeout") }
+	n := len(repeats())
+	require.NotZero(t, n, "the line when the middleware was built")
+	for i := 0; i < 20; i++ {
+		e.send(t, http.MethodGet, "/bad-timeout", nil)
+	}
+	assert.LessOrEqual(t, len(repeats()), n+1, "20 requests in a burst")
+	n = len(repeats())
+	start := time.Now()
+	for deadline := start.Add(12 * time.Second); len(repeats()) == n && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		e.send(t, http.MethodGet, "/bad-timeout", nil)
+	}
+	lines := repeats()
+	require.Len(t, lines, n+1, "the line once more within 12 s of requests")
+	t.Logf("repeated after %v of requests", time.Since(start).Round(100*time.Millisecond))
+	// Traefik's timestamps are to the second.
+	prev, err := time.Parse(time.RFC3339, strings.Fields(lines[n-1])[0])
+	require.NoError(t, err)
+	last, err := time.Parse(time.RFC3339, strings.Fields(lines[n])[0])
+	require.NoError(t, err)
+	assert.GreaterOrEqual(t, last.Sub(prev), 9*time.Second, "between the last two lines")
+	assert.Zero(t, e.mirror.Count()-1, "copies from misconfigured middlewares")
 	assert.True(t, e.traefik.Running())
 }
