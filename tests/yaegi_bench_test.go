@@ -7,6 +7,8 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"strings"
@@ -15,13 +17,119 @@ import (
 	"time"
 
 	"github.com/mirrorgate/traefik-mirror/tests/harness"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/traefik/yaegi/interp"
+	"github.com/traefik/yaegi/stdlib"
+	"gopkg.in/yaml.v3"
 )
+
+// loadFloor loads the floor (tests/floor), the measuring stick of the benchmarks, under Yaegi
+// the way loadInterpreted loads the plugin.
+func loadFloor(t testing.TB) *interpreted {
+	t.Helper()
+	gopath := t.TempDir()
+	_, err := harness.LayoutFloor(filepath.Join(gopath, "src"))
+	require.NoError(t, err)
+	p := &interpreted{stdout: &harness.SyncBuffer{}, stderr: &harness.SyncBuffer{}}
+	i := interp.New(interp.Options{GoPath: gopath, Env: os.Environ(), Stdout: p.stdout, Stderr: p.stderr})
+	require.NoError(t, i.Use(stdlib.Symbols))
+	_, err = i.Eval(`import "` + harness.FloorModulePath + `"`)
+	require.NoError(t, err)
+	p.fnNew, err = i.Eval("floor.New")
+	require.NoError(t, err)
+	p.fnCreateConfig, err = i.Eval("floor.CreateConfig")
+	require.NoError(t, err)
+	return p
+}
+
+// TestYaegiFloorCopies checks the floor the benchmarks measure against: its manifest's testData
+// builds, and under Yaegi every request reaches the primary and the mirror whole.
+func TestYaegiFloorCopies(t *testing.T) {
+	p := loadFloor(t)
+	raw, err := os.ReadFile(filepath.Join(harness.FloorDir(), ".traefik.yml"))
+	require.NoError(t, err)
+	var manifest struct {
+		Import   string         `yaml:"import"`
+		BasePkg  string         `yaml:"basePkg"`
+		TestData map[string]any `yaml:"testData"`
+	}
+	require.NoError(t, yaml.Unmarshal(raw, &manifest))
+	assert.Equal(t, harness.FloorModulePath, manifest.Import)
+	assert.Equal(t, "floor", manifest.BasePkg)
+	_, err = p.handler(http.NotFoundHandler(), asStrings(manifest.TestData), "catalog@file")
+	require.NoError(t, err)
+	_, err = p.handler(http.NotFoundHandler(), map[string]any{"url": "mirror/x"}, "bad@file")
+	require.Error(t, err)
+
+	primary, err := harness.StartUpstream("127.0.0.1:0", 10, nil)
+	require.NoError(t, err)
+	defer primary.Close()
+	mirror, err := harness.StartUpstream("127.0.0.1:0", 10, nil)
+	require.NoError(t, err)
+	defer mirror.Close()
+	pu, err := url.Parse(primary.URL)
+	require.NoError(t, err)
+	h, err := p.handler(proxyTo(pu), map[string]any{"url": mirror.URL}, "floor@file")
+	require.NoError(t, err)
+	front := httptest.NewServer(h)
+	defer front.Close()
+	for _, test := range []struct {
+		desc    string
+		method  string
+		body    []byte
+		chunked bool
+	}{
+		{"GET", http.MethodGet, nil, false},
+		{"1 KiB", http.MethodPost, randomBytes(t, 1<<10), false},
+		{"1 KiB chunked", http.MethodPost, randomBytes(t, 1<<10), true},
+		{"300 KiB", http.MethodPut, randomBytes(t, 300<<10), false},
+	} {
+		var body io.Reader
+		if test.body != nil {
+			body = bytes.NewReader(test.body)
+			if test.chunked {
+				body = chunked{body}
+			}
+		}
+		req, err := http.NewRequest(test.method, front.URL+"/v1/items?id=7", body)
+		require.NoError(t, err)
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err, test.desc)
+		got, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		assert.Equal(t, "ok", string(got), test.desc)
+		for _, u := range []*harness.Upstream{primary, mirror} {
+			r, ok := u.Next(waitLimit)
+			require.True(t, ok, test.desc)
+			assert.Equal(t, test.method, r.Method, test.desc)
+			assert.Equal(t, "/v1/items", r.Path, test.desc)
+			assert.Equal(t, "id=7", r.RawQuery, test.desc)
+			assert.True(t, bytes.Equal(test.body, r.Body), "%s: body at %s", test.desc, u.URL)
+		}
+	}
+
+	// A body shorter than declared: the primary gets what came, no copy is sent.
+	var seen []byte
+	h, err = p.handler(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) { seen, _ = io.ReadAll(r.Body) }),
+		map[string]any{"url": mirror.URL}, "floor-short@file")
+	require.NoError(t, err)
+	req := httptest.NewRequest(http.MethodPost, "/short", strings.NewReader("short"))
+	req.ContentLength = 100
+	h.ServeHTTP(httptest.NewRecorder(), req)
+	assert.Equal(t, "short", string(seen))
+	_, copied := mirror.Next(300 * time.Millisecond)
+	assert.False(t, copied, "no copy of a broken body")
+}
 
 // BenchmarkYaegiServeHTTP measures the interpreted middleware as Traefik runs it, for the same
 // request shapes as the compiled BenchmarkServeHTTP: the whole cost of a request, its copy to a
 // loopback mirror included, with at most 64 copies in flight so that none is dropped.
+// floor_POST_1KiB is POST_1KiB through the floor (tests/floor), the least a Yaegi middleware can
+// do to copy a request: the measuring stick for the plugin's allocations per copy.
 func BenchmarkYaegiServeHTTP(b *testing.B) {
 	p := loadInterpreted(b)
+	floor := loadFloor(b)
 	// The same mirror as the compiled benchmark's: it reads and discards, nothing recorded.
 	var received atomic.Int64
 	mirrorSrv := httptest.NewServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
@@ -65,6 +173,8 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 		{"POST_1KiB_dropped", http.MethodPost, 1 << 10, 100, map[string]any{"url": "http://" + hung.Addr, "maxInflight": 1, "timeout": "1h"}},
 		// The mirror refused a connection: copies pause, the request is counted as failed.
 		{"POST_1KiB_paused", http.MethodPost, 1 << 10, 100, map[string]any{"url": "http://" + down.Addr}},
+		// The floor: every request copied, its only option the url.
+		{"floor_POST_1KiB", http.MethodPost, 1 << 10, 100, nil},
 	}
 	for _, bc := range cases {
 		b.Run(bc.name, func(b *testing.B) {
@@ -72,7 +182,11 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 			for k, v := range bc.config {
 				config[k] = v
 			}
-			h, err := p.handler(next, asStrings(config), "bench-"+bc.name+"@file")
+			loaded := p
+			if strings.HasPrefix(bc.name, "floor_") {
+				loaded, config = floor, map[string]any{"url": mirrorSrv.URL}
+			}
+			h, err := loaded.handler(next, asStrings(config), "bench-"+bc.name+"@file")
 			if err != nil {
 				b.Fatal(err)
 			}

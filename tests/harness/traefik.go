@@ -38,6 +38,8 @@ type Options struct {
 	Debug bool
 	// Static edits the decoded static configuration before it is written.
 	Static func(cfg map[string]any)
+	// Floor lays out the floor (tests/floor) as a second local plugin, key FloorKey.
+	Floor bool
 }
 
 // Traefik is a running Traefik process, working in its own temporary directory with the
@@ -95,6 +97,11 @@ func StartTraefik(o Options) (*Traefik, error) {
 	if o.Debug {
 		cfg["log"] = map[string]any{"level": "DEBUG"}
 		cfg["api"].(map[string]any)["debug"] = true
+	}
+	if o.Floor {
+		if err := addFloor(filepath.Join(dir, "plugins-local", "src"), cfg); err != nil {
+			return nil, err
+		}
 	}
 	if o.Static != nil {
 		o.Static(cfg)

@@ -1,7 +1,8 @@
 // Command loadbench measures the plugin through a real Traefik on 127.0.0.1 against Traefik with
-// no middleware and Traefik's built-in mirroring service (at its default maxBodySize -1, and
-// bounded at 1 MiB), in alternation within one run (none, builtin, builtin-1MiB, plugin, then
-// the reverse, ...), and prints Markdown tables of medians.
+// no middleware, Traefik's built-in mirroring service (at its default maxBodySize -1, and
+// bounded at 1 MiB) and the floor (tests/floor: the least a Yaegi middleware can do to copy a
+// request), in alternation within one run (none, builtin, builtin-1MiB, floor, plugin, then the
+// reverse, ...), and prints Markdown tables of medians.
 package main
 
 import (
@@ -40,19 +41,24 @@ type scenario struct {
 	json     bool    // the primary and the mirror answer the same 1 KiB JSON document, not "ok"
 }
 
-var allModes = []string{"none", "builtin", "builtin-1MiB", "plugin"}
+var allModes = []string{"none", "builtin", "builtin-1MiB", "floor", "plugin"}
+
+// faultModes are the modes of the scenarios with a slow, down or hung mirror. The floor has no
+// limits (it keeps every copy to a mirror that does not answer) and measures the cost of a
+// healthy copy: it runs where the mirror is healthy and every request is copied.
+var faultModes = []string{"none", "builtin", "builtin-1MiB", "plugin"}
 
 var allScenarios = []scenario{
 	{"healthy-1KiB", 1 << 10, "healthy", 100, allModes, 0, false},
 	{"healthy-64KiB", 64 << 10, "healthy", 100, allModes, 0, false},
-	{"slow-500ms", 1 << 10, "slow", 100, allModes, 0, false},
-	{"down", 1 << 10, "down", 100, allModes, 0, false},
-	{"hung", 1 << 10, "hung", 100, allModes, 0, false},
+	{"slow-500ms", 1 << 10, "slow", 100, faultModes, 0, false},
+	{"down", 1 << 10, "down", 100, faultModes, 0, false},
+	{"hung", 1 << 10, "hung", 100, faultModes, 0, false},
 	// percent 0 turns the middleware off; a tiny percent measures the sampling itself.
 	{"sampled-out", 1 << 10, "healthy", 0, []string{"none", "plugin"}, 0, false},
 	{"sampled-0.01%", 1 << 10, "healthy", 0.01, []string{"none", "plugin"}, 0, false},
 	// Over 64 KiB: the body is copied as the primary reads it, through the tee.
-	{"healthy-256KiB", 256 << 10, "healthy", 100, []string{"none", "builtin", "plugin"}, 0, false},
+	{"healthy-256KiB", 256 << 10, "healthy", 100, []string{"none", "builtin", "floor", "plugin"}, 0, false},
 	// A compared request next to a copied one, both services answering the same 1 KiB JSON.
 	{"compare-1KiB", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-compare"}, 0, true},
 	// The same at a fixed rate well below saturation: the client's latency, not the CPU's.
@@ -80,7 +86,7 @@ func main() {
 	rounds := flag.Int("rounds", 6, "rounds of alternation (A B C, then C B A, ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
-	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, plugin (default: all)")
+	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, floor, plugin, plugin-compare, plugin-twin (default: each scenario's own list)")
 	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of each Traefik during its first run")
 	flag.Parse()
 
@@ -238,6 +244,9 @@ func dynamicFor(mode string, sc scenario, primary, mirror string) string {
 		d.Service("mirror-svc", "http://"+mirror)
 		d.MirroringService("mirrored", "primary", "mirror-svc", 1<<20)
 		d.Router("api", "/", "mirrored")
+	case "floor": // the floor plugin, routed like the plugin: every request copied
+		d.Floor("mirror-floor", "http://"+mirror)
+		d.Router("api", "/", "primary", "mirror-floor")
 	case "plugin", "plugin-twin":
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent})
 		d.Router("api", "/", "primary", "mirror-api")
@@ -280,12 +289,14 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 			return err
 		}
 		web, api := addrs[0], addrs[1]
-		r.traefik, err = harness.StartTraefik(harness.Options{
+		opts := harness.Options{
 			Debug:   profileDir != "", // pprof endpoints
 			Replace: map[string]string{harness.ExampleWeb: web, harness.ExampleAPI: api},
 			Dynamic: dynamicFor(mode, sc, primary.addr, mirror.addr),
 			Static:  func(cfg map[string]any) { cfg["log"] = map[string]any{"level": "ERROR"} },
-		})
+			Floor:   mode == "floor", // laid out as a second local plugin, next to the plugin
+		}
+		r.traefik, err = harness.StartTraefik(opts)
 		if err != nil {
 			return err
 		}
@@ -487,6 +498,10 @@ func report(sc scenario, runs []*modeRun) {
 	if bounded := byName["builtin-1MiB"]; bounded != nil {
 		fmt.Printf("; plugin/builtin-1MiB: %s", ratios(plugin, bounded))
 	}
+	floor := byName["floor"]
+	if floor != nil {
+		fmt.Printf("; plugin/floor: %s", ratios(plugin, floor))
+	}
 	fmt.Println()
 	if compared := byName["plugin-compare"]; compared != nil {
 		fmt.Printf("\nplugin-compare/plugin: %s; plugin-compare/none: %s\n", ratios(compared, plugin), ratios(compared, none))
@@ -500,7 +515,11 @@ func report(sc scenario, runs []*modeRun) {
 		}
 	}
 	if builtin := byName["builtin"]; builtin != nil {
-		fmt.Printf("\nbuiltin/none: %s\n", ratios(builtin, none))
+		fmt.Printf("\nbuiltin/none: %s", ratios(builtin, none))
+		if floor != nil { // the floor against the compiled built-in: what interpreting a copy costs
+			fmt.Printf("; floor/builtin: %s", ratios(floor, builtin))
+		}
+		fmt.Println()
 	}
 }
 

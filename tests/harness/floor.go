@@ -1,0 +1,71 @@
+package harness
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// The floor (tests/floor) is the project's own minimal copying plugin, the measuring stick of
+// the benchmarks: it is laid out and loaded like the plugin, under its own module path and key.
+const (
+	// FloorModulePath is the floor's module path, as in tests/floor/.traefik.yml.
+	FloorModulePath = "github.com/mirrorgate/floor"
+	// FloorKey is the floor's key under experimental.localPlugins and in a middleware's plugin
+	// block.
+	FloorKey = "floor"
+)
+
+// FloorDir returns the floor's source directory.
+func FloorDir() string { return filepath.Join(RepoRoot(), "tests", "floor") }
+
+// LayoutFloor copies what Traefik loads of the floor (.traefik.yml and the package's non-test Go
+// files) to srcRoot/<FloorModulePath>, and returns that directory.
+func LayoutFloor(srcRoot string) (string, error) {
+	dst := filepath.Join(srcRoot, filepath.FromSlash(FloorModulePath))
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		return "", err
+	}
+	names, err := filepath.Glob(filepath.Join(FloorDir(), "*.go"))
+	if err != nil {
+		return "", err
+	}
+	names = append(names, filepath.Join(FloorDir(), ".traefik.yml"))
+	for _, name := range names {
+		if strings.HasSuffix(name, "_test.go") {
+			continue
+		}
+		b, err := os.ReadFile(name)
+		if err != nil {
+			return "", err
+		}
+		if err := os.WriteFile(filepath.Join(dst, filepath.Base(name)), b, 0o644); err != nil {
+			return "", err
+		}
+	}
+	return dst, nil
+}
+
+// Floor adds a middleware that runs the floor, copying every request to url.
+func (d *Dynamic) Floor(name, url string) {
+	d.HTTP.Middlewares[name] = map[string]any{"plugin": map[string]any{FloorKey: map[string]any{"url": url}}}
+}
+
+// addFloor lays the floor out next to the plugin and declares it in the static configuration.
+func addFloor(srcRoot string, cfg map[string]any) error {
+	if _, err := LayoutFloor(srcRoot); err != nil {
+		return err
+	}
+	experimental, _ := cfg["experimental"].(map[string]any)
+	if experimental == nil {
+		experimental = map[string]any{}
+		cfg["experimental"] = experimental
+	}
+	local, _ := experimental["localPlugins"].(map[string]any)
+	if local == nil {
+		local = map[string]any{}
+		experimental["localPlugins"] = local
+	}
+	local[FloorKey] = map[string]any{"moduleName": FloorModulePath}
+	return nil
+}
