@@ -186,6 +186,9 @@ func (w *capture) WriteHeader(code int) {
 		w.code = code
 		w.header = w.ResponseWriter.Header().Clone()
 		w.stream = w.header["Content-Length"] == nil
+		if n, err := strconv.ParseInt(w.header.Get("Content-Length"), 10, 64); err == nil && n > 0 {
+			w.body = make([]byte, 0, min64(n, w.limit)) // one buffer of the size to come
+		}
 	}
 	w.ResponseWriter.WriteHeader(code)
 }
@@ -310,7 +313,12 @@ func varyWithoutAcceptEncoding(h http.Header) {
 // mirrorSide reads the mirror's answer, up to the limit.
 func mirrorSide(c *copyRequest, resp *http.Response) *side {
 	limit := c.capture.limit
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, limit+1))
+	var buf bytes.Buffer
+	if resp.ContentLength > 0 { // one buffer of the size to come, not a doubling one
+		buf.Grow(int(min64(resp.ContentLength, limit+1)))
+	}
+	_, _ = buf.ReadFrom(io.LimitReader(resp.Body, limit+1))
+	body := buf.Bytes()
 	mir := &side{code: resp.StatusCode, header: resp.Header, body: body, latency: time.Since(c.began)}
 	if int64(len(body)) > limit {
 		mir.body, mir.over = body[:limit], true
@@ -519,6 +527,14 @@ func decoded(s side) []byte {
 		return s.body
 	}
 	return out
+}
+
+// min64 is min for int64: Yaegi v0.16.1 does not know the builtin.
+func min64(a, b int64) int64 {
+	if a < b {
+		return a
+	}
+	return b
 }
 
 func truncate(s string) string {

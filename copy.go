@@ -36,6 +36,10 @@ const loopHeader = "X-Mirror-Loop"
 
 const maxLoopTokens = 16
 
+// maxLoopToken is the longest token kept from a loop header: a process's is 32 characters, and a
+// client's longer one is not passed on to the mirror.
+const maxLoopToken = 64
+
 // processToken identifies this Traefik process (this interpreter) on the copies it sends.
 var processToken = newToken()
 
@@ -67,22 +71,26 @@ func isOwnCopy(values []string) bool {
 var ownLoop = []string{processToken}
 
 // loopTokens is the loop header of a copy: the last tokens it arrived with (at most
-// maxLoopTokens-1), then this process's. It works from the end of the values, one step per
-// token kept, so that a header of a million commas costs no more than one of a few tokens.
+// maxLoopTokens-1, none longer than maxLoopToken), then this process's. It works from the end
+// of the values, a bounded number of steps, so that a header of a million commas, or of a
+// thousand long tokens, costs no more than one of a few tokens.
 func loopTokens(values []string) []string {
 	kept := make([]string, maxLoopTokens)
 	n := maxLoopTokens - 1
 	kept[n] = processToken
+	steps := 2 * maxLoopTokens // tokens looked at, kept or not
 	for i := len(values) - 1; i >= 0 && i >= len(values)-maxLoopTokens && n > 0; i-- {
 		v := values[i]
-		for n > 0 {
+		for ; n > 0 && steps > 0; steps-- {
 			v = strings.TrimRight(v, ", \t")
 			if v == "" {
 				break
 			}
 			cut := strings.LastIndexByte(v, ',')
-			n--
-			kept[n] = strings.TrimSpace(v[cut+1:])
+			if token := strings.TrimSpace(v[cut+1:]); len(token) <= maxLoopToken { // no process's token is longer
+				n--
+				kept[n] = token
+			}
 			v = v[:cut+1]
 		}
 	}

@@ -15,6 +15,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"reflect"
+	"regexp"
 	"runtime"
 	"slices"
 	"strings"
@@ -344,6 +345,7 @@ func TestLoopTokens(t *testing.T) {
 		{"commas only", []string{",,,"}, processToken},
 		{"the last tokens", []string{strings.Join(many, ",")}, strings.Join(many[5:], ", ") + ", " + processToken},
 		{"the last values", many, strings.Join(many[5:], ", ") + ", " + processToken},
+		{"long tokens left out", []string{"a, " + strings.Repeat("x", 65) + ", b"}, "a, b, " + processToken},
 	} {
 		equal(t, strings.Join(loopTokens(test.values), "|"), test.exp, test.desc)
 	}
@@ -1269,4 +1271,27 @@ func TestMirrorAnswering101FailsAtOnce(t *testing.T) {
 		t.Fatal("the upgraded connection to the mirror was not closed")
 	}
 	eventually(t, func() bool { return strings.Contains(s.stderr.String(), "101 Switching Protocols") }, "no error line about the 101: %q", s.stderr.String())
+}
+
+// matchHeaders looks at 8 KiB of a header's values in all, however they are split.
+func TestMatchHeadersLooksAtABoundedShare(t *testing.T) {
+	re := regexp.MustCompile("a.*b")
+	many := make([]string, 110)
+	for i := range many {
+		many[i] = strings.Repeat("a", 8000)
+	}
+	empties := make([]string, 10000)
+	for _, test := range []struct {
+		desc   string
+		values []string
+		exp    bool
+	}{
+		{"a small value", []string{"xaxb"}, true},
+		{"one value of 8 KiB", []string{strings.Repeat("a", maxMatched-2) + "b"}, true},
+		{"one value past 8 KiB", []string{strings.Repeat("a", maxMatched) + "b"}, false},
+		{"the match past 8 KiB of values", append(append([]string(nil), many...), "ab"), false},
+		{"the match after ten thousand empty values", append(append([]string(nil), empties...), "ab"), false},
+	} {
+		equal(t, matchesAny(re, test.values), test.exp, test.desc)
+	}
 }
