@@ -172,7 +172,7 @@ func (w *jsonWalk) object(path []string, p, q []byte) {
 		}
 		a, inP := pm[k]
 		b, inQ := qm[k]
-		child := append(path, k)
+		child := append(path, k) //nolint:gocritic // a child path is used before the next is made
 		switch {
 		case inP && inQ:
 			w.value(child, a, b)

@@ -58,18 +58,11 @@ func hcStartE2E(t *testing.T, d *harness.Dynamic, routers ...string) *e2e {
 
 // hcStart runs Traefik with the example's router and middleware mirror-api, its service primary
 // and its mirror mirror, comparing their answers and writing the difference lines to the file it
-// returns. opts and compare override the middleware's options.
-func hcStart(t *testing.T, primary, mirror http.Handler, opts, compare map[string]any) (*e2e, string) {
+// returns.
+func hcStart(t *testing.T, primary, mirror http.Handler) (*e2e, string) {
 	t.Helper()
 	logFile := filepath.Join(t.TempDir(), "differences.log")
-	c := map[string]any{"enabled": true, "logFile": logFile}
-	for k, v := range compare {
-		c[k] = v
-	}
-	o := map[string]any{"url": startApp(t, mirror), "compare": c}
-	for k, v := range opts {
-		o[k] = v
-	}
+	o := map[string]any{"url": startApp(t, mirror), "compare": map[string]any{"enabled": true, "logFile": logFile}}
 	d := exampleDynamic(t)
 	d.Service("primary", startApp(t, primary))
 	d.Mirror("mirror-api", o)
@@ -219,7 +212,7 @@ func TestTraefikCompareDeepJSONIsBounded(t *testing.T) {
 			hcJSON(rw, []byte(`{"warm":[`+leaf+`]}`))
 		}
 	}
-	e, logFile := hcStart(t, app("1"), app("2"), nil, nil)
+	e, logFile := hcStart(t, app("1"), app("2"))
 	base := hcCompared(t, e, hcMiddleware)
 	// Warm up the judging path (the interpreter, its reflect types) before the peak is taken.
 	hcRun(t, e, warm, 1, func(i int) string { return fmt.Sprintf("/warm/%d", i) })
@@ -331,8 +324,7 @@ func TestTraefikCompareJSONCostIsBounded(t *testing.T) {
 	name := func(r *http.Request) string { return strings.Split(r.URL.Path, "/")[1] }
 	e, logFile := hcStart(t,
 		http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { hcJSON(rw, primary[byName[name(r)].kind]) }),
-		http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { hcJSON(rw, byName[name(r)].mirror) }),
-		nil, nil)
+		http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { hcJSON(rw, byName[name(r)].mirror) }))
 
 	counts := hcCompared(t, e, hcMiddleware)
 	for _, v := range variants { // warm-up: the interpreter, each path once
@@ -523,13 +515,13 @@ func TestTraefikCompareHeaderDifferencesAreCapped(t *testing.T) {
 	const extra, n = 3000, 3
 	body := []byte(`{"id":1}`)
 	e, logFile := hcStart(t,
-		http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { hcJSON(rw, body) }),
-		http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) { hcJSON(rw, body) }),
+		http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
 			for i := 0; i < extra; i++ {
 				rw.Header().Set(fmt.Sprintf("X-Extra-%04d", i), "v")
 			}
 			hcJSON(rw, body)
-		}), nil, nil)
+		}))
 	base := hcCompared(t, e, hcMiddleware)
 	hcRun(t, e, n, 1, func(i int) string { return fmt.Sprintf("/headers/%d", i) })
 	got := hcWaitCompared(t, e, hcMiddleware, base, n, waitLimit)
@@ -661,7 +653,7 @@ func TestTraefikCompareMirrorGzipIsUndone(t *testing.T) {
 			hcJSON(rw, body)
 		}
 	}
-	e, logFile := hcStart(t, app(false), app(true), nil, nil)
+	e, logFile := hcStart(t, app(false), app(true))
 	require.True(t, e.client.Transport.(*http.Transport).DisableCompression, "the client must send no Accept-Encoding")
 
 	const same, explicit, changed = 10, 3, 3
