@@ -291,7 +291,8 @@ func hcKeys(n int, sep, colon string, odd int) []byte {
 }
 
 // Item 2. The same JSON value written with other spacing, or with one element or key different,
-// costs Traefik under 30 ms of CPU per compared answer more than the same bytes do: no
+// costs Traefik under 40 ms of CPU per compared answer more than the same bytes do (220-268 ms
+// before the fix, 0-21 ms after): no
 // interpreted walk of 20,000 elements or 5,000 keys.
 func TestTraefikCompareJSONCostIsBounded(t *testing.T) {
 	const elements, keys, within = 20000, 5000, 2000 // within: a walk that fits the node budget
@@ -344,7 +345,7 @@ func TestTraefikCompareJSONCostIsBounded(t *testing.T) {
 		excess := perAnswer[v.name] - perAnswer["identical"]
 		t.Logf("%-34s %7v CPU per compared answer (%+v over the same bytes)", v.name, perAnswer[v.name], excess)
 		if v.name != "identical" {
-			assert.Less(t, excess, 30*time.Millisecond, "%s: Traefik CPU per compared answer", v.name)
+			assert.Less(t, excess, 40*time.Millisecond, "%s: Traefik CPU per compared answer", v.name)
 		}
 	}
 	sizes, _ := hcLines(t, logFile)

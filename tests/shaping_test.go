@@ -684,10 +684,10 @@ func TestTraefikBadShapingConfiguration(t *testing.T) {
 		options map[string]any
 		expLog  string
 	}{
-		{"bad-path-regex", map[string]any{"pathRegex": "^/api/("}, `mirror: invalid pathRegex`},
-		{"bad-match-headers", map[string]any{"matchHeaders": map[string]any{"X-Canary": "["}}, `mirror: invalid matchHeaders`},
-		{"bad-retries", map[string]any{"retries": -1}, `mirror: invalid retries -1`},
-		{"missing-ca-file", map[string]any{"url": "https://127.0.0.1:1", "caFile": missing}, `mirror: invalid caFile`},
+		{"bad-path-regex", map[string]any{"pathRegex": "^/api/("}, `invalid pathRegex`},
+		{"bad-match-headers", map[string]any{"matchHeaders": map[string]any{"X-Canary": "["}}, `invalid matchHeaders`},
+		{"bad-retries", map[string]any{"retries": -1}, `invalid retries -1`},
+		{"missing-ca-file", map[string]any{"url": "https://127.0.0.1:1", "caFile": missing}, `invalid caFile`},
 		{"not-pem-ca-file", map[string]any{"url": "https://127.0.0.1:1", "caFile": notPEM}, `no PEM certificate in it`},
 	}
 	d := exampleDynamic(t)
@@ -698,13 +698,14 @@ func TestTraefikBadShapingConfiguration(t *testing.T) {
 		broken = append(broken, test.name)
 	}
 	d.Router("api", "/good", "primary", "mirror-api") // no catch-all for the broken routers to fall to
-	e := startE2E(t, d, "api")
-	require.NoError(t, e.traefik.WaitRouters("disabled", broken...))
+	e := startE2E(t, d, append(broken, "api")...)
+	// Each mistake fails open: the router serves the primary, nothing is mirrored, and the
+	// middleware says why.
 	for _, test := range tests {
 		r := harness.Do(e.client, e.request(t, http.MethodGet, "/"+test.name, nil))
 		require.NoError(t, r.Err)
-		assert.Equal(t, http.StatusNotFound, r.Status, test.name)
-		waitTraefikLine(t, e.traefik, test.name+"@file", test.expLog)
+		assert.Equal(t, http.StatusOK, r.Status, test.name)
+		waitTraefikLine(t, e.traefik, "mirror "+test.name+"@file: ", test.expLog, "mirroring is off")
 	}
 	for _, f := range []string{missing, notPEM} {
 		waitTraefikLine(t, e.traefik, "invalid caFile", f)
@@ -712,9 +713,10 @@ func TestTraefikBadShapingConfiguration(t *testing.T) {
 	r := harness.Do(e.client, e.request(t, http.MethodGet, "/good", nil))
 	require.NoError(t, r.Err)
 	assert.Equal(t, http.StatusOK, r.Status)
-	_, ok := e.mirror.Next(waitLimit)
-	assert.True(t, ok, "the good router still mirrors")
-	assert.Equal(t, 1, e.primary.Count())
+	c, ok := e.mirror.Next(waitLimit)
+	require.True(t, ok, "the good router still mirrors")
+	assert.Equal(t, "/good", c.Path, "the first copy: the broken routers copied nothing")
+	assert.Equal(t, len(tests)+1, e.primary.Count())
 }
 
 // A stray Upgrade header, without "Connection: upgrade", is no upgrade: the request is copied,
