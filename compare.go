@@ -411,13 +411,13 @@ type diffLine struct {
 }
 
 func writeDifference(m *mirror, c *copyRequest, prim, mir side, diffs []difference) {
-	target := c.rawPath
-	if c.query != "" {
-		target += "?" + c.query
+	target := c.req.URL.EscapedPath()
+	if c.req.URL.RawQuery != "" {
+		target += "?" + c.req.URL.RawQuery
 	}
 	line := diffLine{
-		Time: time.Now().UTC().Format(time.RFC3339Nano), Middleware: m.st.name, Method: c.method, Path: target,
-		RequestID:   c.header.Get("X-Request-Id"),
+		Time: time.Now().UTC().Format(time.RFC3339Nano), Middleware: m.st.name, Method: c.req.Method, Path: target,
+		RequestID:   c.req.Header.Get("X-Request-Id"),
 		Status:      statusPair{Primary: prim.code, Mirror: mir.code},
 		LatencyMs:   latencyPair{Primary: ms(prim.latency), Mirror: ms(mir.latency)},
 		Differences: diffs,

@@ -116,7 +116,8 @@ const (
 
 // settings is a validated Config, compiled once in New for the request path.
 type settings struct {
-	base        string // scheme://host[:port], what the copy's URL is parsed from
+	base        string // scheme://host[:port], for the log
+	scheme      string
 	basePath    string // the url's path, decoded and escaped, without trailing slash
 	baseRawPath string
 	host        string
@@ -124,6 +125,9 @@ type settings struct {
 	share       float64 // percent / 100 for a random draw (1 with sampleBy, which byShare serves)
 	byShare     float64 // percent / 100 by sampleBy's hash (1 without sampleBy)
 	gate        bool    // sampleBy or a filter decides before serve
+	choose      bool    // percent below 100, sampleBy or a filter: ServeHTTP calls choose
+	lean        bool    // the common copy may take serve's short path (see serve)
+	leanBody    uint64  // the largest body the short path reads ahead
 	mirrorBody  bool
 	maxBodySize int64 // -1: no limit
 	timeout     time.Duration
@@ -233,6 +237,14 @@ func compile(c *Config) (settings, error) {
 	}
 
 	s.compare, err = compileCompare(&c.Compare)
+	s.choose = s.share < 1 || s.gate
+	// The short path copies what needs no option's work on the client's path: no rate to take
+	// from, no answer to capture, and a body read ahead within maxBodySize.
+	s.lean = s.mirrorBody && s.rateInterval == 0 && s.compare == nil
+	s.leanBody = readAhead
+	if s.maxBodySize >= 0 && s.maxBodySize < readAhead {
+		s.leanBody = uint64(s.maxBodySize)
+	}
 	return s, err
 }
 
@@ -258,6 +270,7 @@ func compileURL(s *settings, c *Config) error {
 	}
 	s.host = u.Host
 	s.base = u.Scheme + "://" + u.Host
+	s.scheme = u.Scheme
 	s.basePath = strings.TrimSuffix(u.Path, "/")
 	s.baseRawPath = strings.TrimSuffix(u.EscapedPath(), "/")
 	return nil

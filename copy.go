@@ -8,9 +8,8 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
-	"sort"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -65,6 +64,12 @@ func isOwnCopy(values []string) bool {
 	}
 	return false
 }
+
+// Header values set on copies, shared: header values are never modified in place.
+var (
+	gzipOnly    = []string{"gzip"}
+	noUserAgent = []string{""}
+)
 
 // ownLoop is the loop header of a copy of a request that carried none (shared: header values
 // are never modified in place).
@@ -139,16 +144,12 @@ func newTransport() *http.Transport {
 
 // copyRequest is what the copy needs from the incoming request, and what became of it.
 type copyRequest struct {
-	method     string
-	path       string // as the primary gets it: decoded, escaped, and the query
-	rawPath    string
-	query      string
-	host       string // the client's, for preserveHost
-	remoteAddr string
-	header     http.Header
-	body       []byte        // nil: no body
-	timeout    time.Duration // from when the copy is sent
-	deadline   time.Time     // a body copied as the primary read it: when its slot was taken
+	// req is the request as the primary gets it, cloned when the copy starts (one compiled
+	// call): later middlewares may change the request in place. Its body is not read.
+	req      *http.Request
+	body     []byte        // nil: no body
+	timeout  time.Duration // from when the copy is sent
+	deadline time.Time     // a body copied as the primary read it: when its slot was taken
 
 	tee     *teeBody // the body is copied as the primary reads it
 	capture *capture // the primary's answer, when this copy is compared
@@ -167,15 +168,25 @@ func send(m *mirror, c *copyRequest) {
 	defer settle(m, c)
 
 	// Detached from the client's request: only the mirror's own deadline cancels the copy.
-	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+	ctx, cancel := context.WithTimeout(background, c.timeout)
 	out := newCopy(ctx, m, c)
 	c.began = time.Now()
 	resp, err := m.transport.RoundTrip(out)
 	if err != nil || resp.StatusCode >= 500 && m.cfg.retries > 0 {
 		resp, err = retry(ctx, m, c, out, resp, err) //nolint:bodyclose // answered closes it
 	}
-	if err == nil {
+	switch {
+	case err != nil:
+	case resp.StatusCode < 200 || resp.StatusCode >= 500 || c.capture != nil:
 		err = answered(ctx, m, c, resp)
+	default: // the common answer, inline: a call costs under Yaegi
+		atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
+		_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
+		_ = resp.Body.Close()
+		if c.body != nil {
+			atomic.AddInt64(&m.st.copiedBytes, int64(len(c.body)))
+		}
+		c.outcome = sent
 	}
 	cancel()
 	if err != nil {
@@ -258,10 +269,21 @@ func settle(m *mirror, c *copyRequest) {
 	}
 	st := m.st
 	atomic.AddInt64(&st.inflight, -1)
-	d := time.Since(c.began)
-	atomic.AddInt64(&st.durations[sort.SearchFloat64s(durationBuckets, d.Seconds())], 1)
-	atomic.AddInt64(&st.durationSum, int64(d))
-	count(st, c.outcome, c.err)
+	d := int64(time.Since(c.began))
+	b := 0 // the bucket: a loop of comparisons allocates nothing, a call into compiled code does
+	for b < len(durationBounds) && d > durationBounds[b] {
+		b++
+	}
+	atomic.AddInt64(&st.durations[b], 1)
+	atomic.AddInt64(&st.durationSum, d)
+	if c.err != nil {
+		count(st, c.outcome, c.err)
+		return
+	}
+	atomic.AddInt64(&st.counts[c.outcome], 1) // count's common case, inline
+	if !st.pending.Load() {
+		schedule(st)
+	}
 }
 
 func panicked(r any) error { return fmt.Errorf("panic: %v", r) }
@@ -270,21 +292,28 @@ func panicked(r any) error { return fmt.Errorf("panic: %v", r) }
 // The request line comes as the primary gets it: Traefik's entry point has already turned the
 // query's semicolons into '&' (or %3B).
 func newCopy(ctx context.Context, m *mirror, c *copyRequest) *http.Request {
-	var body io.Reader
-	if c.body != nil {
-		body = bytes.NewReader(c.body)
-	}
-	// It cannot fail: the base was parsed in New, and Go's server accepts only valid methods.
-	out, _ := http.NewRequestWithContext(ctx, c.method, m.cfg.base, body)
+	in := c.req
+	out := in.WithContext(ctx) // a shallow copy: in.URL is not changed
 	// The URL is the mirror's, parsed in New, with the request's path and query put in its
 	// fields: nothing from the request is ever parsed as a scheme, host or user info.
-	out.URL.Path = m.cfg.basePath + c.path
-	out.URL.RawPath = m.cfg.baseRawPath + c.rawPath
-	out.URL.RawQuery = c.query
+	out.URL = &url.URL{Scheme: m.cfg.scheme, Host: m.cfg.host, Path: in.URL.Path, RawPath: in.URL.RawPath, RawQuery: in.URL.RawQuery}
+	if m.cfg.basePath != "" {
+		out.URL.Path = m.cfg.basePath + in.URL.Path
+		out.URL.RawPath = m.cfg.baseRawPath + in.URL.EscapedPath()
+	}
+	out.RequestURI = ""
+	out.Close = false
+	out.TransferEncoding = nil
+	out.Trailer = nil
+	out.ContentLength = int64(len(c.body))
+	out.Body = nil
+	if c.body != nil {
+		out.Body = io.NopCloser(bytes.NewReader(c.body))
+	}
 
 	// Direct map operations with canonical keys: each function call costs under Yaegi, and
 	// most requests carry none of these.
-	h := c.header
+	h := out.Header
 	if h["Connection"] != nil {
 		removeConnectionHeaders(h)
 	}
@@ -292,16 +321,16 @@ func newCopy(ctx context.Context, m *mirror, c *copyRequest) *http.Request {
 		delete(h, name)
 	}
 	// Traefik's transport asks the primary for gzip when the client did not say; so does the copy.
-	if h["Accept-Encoding"] == nil && h["Range"] == nil && c.method != http.MethodHead {
-		h["Accept-Encoding"] = []string{"gzip"}
+	if h["Accept-Encoding"] == nil && h["Range"] == nil && in.Method != http.MethodHead {
+		h["Accept-Encoding"] = gzipOnly
 		c.askedGzip = true
 	}
 	if h["User-Agent"] == nil {
-		h["User-Agent"] = []string{""} // keep Go's default User-Agent off the copy
+		h["User-Agent"] = noUserAgent // keep Go's default User-Agent off the copy
 	}
 	// X-Forwarded-Host, -Proto, -Port and -Server are already there: Traefik's entry point sets
 	// them before any middleware runs. X-Forwarded-For is the proxy's, as the primary gets it.
-	if ip, _, err := net.SplitHostPort(c.remoteAddr); err == nil {
+	if ip := clientIP(in.RemoteAddr); ip != "" {
 		if prior := h["X-Forwarded-For"]; prior != nil {
 			ip = strings.Join(prior, ", ") + ", " + ip
 		}
@@ -318,8 +347,21 @@ func newCopy(ctx context.Context, m *mirror, c *copyRequest) *http.Request {
 	} else {
 		h[loopHeader] = ownLoop
 	}
-	out.Header = h
 	return out
+}
+
+// clientIP is the host of a remote address as net.SplitHostPort gives it ("" if it has no port),
+// without its call, which costs more under Yaegi: Go's server sets RemoteAddr to "ip:port" or
+// "[ip6]:port".
+func clientIP(addr string) string {
+	i := strings.LastIndexByte(addr, ':')
+	if i < 0 {
+		return ""
+	}
+	if addr[0] == '[' && i > 1 && addr[i-1] == ']' {
+		return addr[1 : i-1]
+	}
+	return addr[:i]
 }
 
 // shape applies removeHeaders, then setHeaders, then preserveHost.
@@ -331,7 +373,7 @@ func shape(m *mirror, c *copyRequest, h http.Header, out *http.Request) {
 		h[name] = values // shared, never modified in place
 	}
 	if m.cfg.preserveHost {
-		out.Host = c.host
+		out.Host = c.req.Host
 	}
 }
 

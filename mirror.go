@@ -18,6 +18,10 @@ import (
 	"time"
 )
 
+// background is the context of the clone a copy starts from: the copy's own, with its deadline,
+// replaces it when it is sent.
+var background = context.Background()
+
 // markerHeader is set on every copy, with the middleware's name, for the mirror to see.
 const markerHeader = "X-Mirrored-By"
 
@@ -111,6 +115,15 @@ func repeatConfigError(st *state, due int64) {
 // the request path is made of plain functions, each holding what its path needs; only the
 // methods that compiled code calls are methods.
 func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
+	if m.cfg.choose {
+		choose(m, rw, req)
+		return
+	}
+	serve(m, rw, req)
+}
+
+// choose applies percent, sampleBy and the filters, which only some middlewares have.
+func choose(m *mirror, rw http.ResponseWriter, req *http.Request) {
 	if m.cfg.share < 1 && rand.Float64() >= m.cfg.share {
 		atomic.AddInt64(&m.st.counts[sampledOut], 1)
 		m.next.ServeHTTP(rw, req)
@@ -185,14 +198,54 @@ func matchesAny(re *regexp.Regexp, values []string) bool {
 
 // serve copies a sampled request unless no copy can be sent now: the checks that a slow, hung
 // or down mirror makes common come first, and nothing else.
+//
+// The common copy (lean: decided in New; no body or a small one of known length; a plain path;
+// no Connection, loop or Expect header) takes the short path below, in as few interpreted
+// expressions and calls as it can be: under Yaegi each call allocates a value for every
+// expression of the called function, and each call into compiled code costs about as much as
+// eight expressions (BenchmarkYaegiConstructs). Every other request goes through serveOther.
 func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
-	switch {
-	case atomic.LoadInt64(&m.st.inflight) >= m.cfg.maxInflight: // every slot held by a copy in flight
-		count(m.st, dropped, nil)
-	case m.st.paused.Load(): // the mirror refused a connection a moment ago
+	if !m.cfg.lean || uint64(req.ContentLength) > m.cfg.leanBody || req.URL.Path == "" || req.URL.Path[0] != '/' ||
+		req.Method == http.MethodConnect || req.Header["Connection"] != nil || req.Header[loopHeader] != nil || req.Header["Expect"] != nil || m.st.paused.Load() {
+		serveOther(m, rw, req)
+		return
+	}
+	var body []byte
+	if req.ContentLength > 0 {
+		if body = readAheadBody(m, req); body == nil {
+			m.next.ServeHTTP(rw, req)
+			return
+		}
+	}
+	if atomic.AddInt64(&m.st.inflight, 1) > m.cfg.maxInflight {
+		noSlot(m)
+	} else {
+		go send(m, &copyRequest{req: req.Clone(background), body: body, timeout: m.cfg.timeout})
+	}
+	m.next.ServeHTTP(rw, req)
+}
+
+// readAheadBody reads a small body of known length for a lean copy, and gives the primary a
+// standard-library reader over the same bytes; nil if the client cut it short (see readBody).
+func readAheadBody(m *mirror, req *http.Request) []byte {
+	buf := make([]byte, req.ContentLength)
+	if n, err := io.ReadFull(req.Body, buf); err != nil {
+		cutShort(m, req, buf[:n])
+		return nil
+	}
+	req.Body = io.NopCloser(bytes.NewReader(buf))
+	return buf
+}
+
+// serveOther serves a request that the lean path does not take.
+func serveOther(m *mirror, rw http.ResponseWriter, req *http.Request) {
+	if m.st.paused.Load() { // the mirror refused a connection a moment ago
 		count(m.st, failed, nil)
-	default:
-		copyAndServe(m, rw, req)
+		m.next.ServeHTTP(rw, req)
+		return
+	}
+	if c := start(m, req); c != nil {
+		follow(m, rw, req, c)
 		return
 	}
 	m.next.ServeHTTP(rw, req)
@@ -202,15 +255,6 @@ func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
 // a client sends in one burst. Larger bodies, and bodies whose client asked to be told to go on
 // (Expect: 100-continue), are copied as the primary reads them.
 const readAhead = 64 << 10
-
-// copyAndServe starts the copy, then serves the primary.
-func copyAndServe(m *mirror, rw http.ResponseWriter, req *http.Request) {
-	if c := start(m, req); c != nil {
-		follow(m, rw, req, c)
-		return
-	}
-	m.next.ServeHTTP(rw, req)
-}
 
 // follow serves the primary of a copy that needs it: one that compares its answer, or whose
 // body the primary reads through the tee, to be abandoned once the primary is done.
@@ -223,43 +267,21 @@ func follow(m *mirror, rw http.ResponseWriter, req *http.Request, c *copyRequest
 	c.tee.abandon()
 }
 
-// start copies a request that passed the cheap checks, unless it must not be copied (a target
-// that is not a plain path, an upgrade, a copy of this process's own), its body is too large,
-// or it is over the rate. A target that is not a path (an opaque "x:@host/p", "*") is never
-// copied: only the path and query of a request are ever put on the mirror's URL.
+// start copies a request that passed the cheap checks, unless refused says no; it takes what
+// the copy needs now, since later middlewares may change the request in place, and a slot, then
+// sends the copy, and returns it if the primary must be followed (see follow). The checks that
+// rarely say no are made again, one by one, in refused: a call costs under Yaegi.
 func start(m *mirror, req *http.Request) *copyRequest {
+	withBody := m.cfg.mirrorBody && req.ContentLength != 0 && req.Body != nil && req.Body != http.NoBody
 	// Map indexing, not Header.Get: the server canonicalizes keys, and a call costs more.
 	if req.URL.Path == "" || req.URL.Path[0] != '/' || req.Method == http.MethodConnect ||
-		(req.Header["Connection"] != nil || req.Header[loopHeader] != nil) && excluded(req.Header) {
-		atomic.AddInt64(&m.st.counts[skipped], 1)
-		return nil
+		req.Header["Connection"] != nil || req.Header[loopHeader] != nil || m.cfg.rateInterval > 0 ||
+		withBody && m.cfg.maxBodySize >= 0 && req.ContentLength > m.cfg.maxBodySize {
+		if refused(m, req, withBody) {
+			return nil
+		}
 	}
-	withBody := m.cfg.mirrorBody && req.Body != nil && req.Body != http.NoBody && req.ContentLength != 0
-	if withBody && m.cfg.maxBodySize >= 0 && req.ContentLength > m.cfg.maxBodySize {
-		count(m.st, tooLarge, nil)
-		return nil
-	}
-	if m.cfg.rateInterval > 0 && !allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance) {
-		count(m.st, rateLimited, nil)
-		return nil
-	}
-	return begin(m, req, withBody)
-}
-
-// begin takes what the copy needs now, since later middlewares may change the request in
-// place, and a slot, then sends the copy; it returns the copy if the primary must be followed
-// (see follow).
-func begin(m *mirror, req *http.Request, withBody bool) *copyRequest {
-	c := &copyRequest{
-		method:     req.Method,
-		path:       req.URL.Path,
-		rawPath:    req.URL.EscapedPath(),
-		query:      req.URL.RawQuery,
-		host:       req.Host,
-		remoteAddr: req.RemoteAddr,
-		header:     req.Header.Clone(),
-		timeout:    m.cfg.timeout,
-	}
+	c := &copyRequest{req: req.Clone(background), timeout: m.cfg.timeout}
 	if withBody && (req.ContentLength < 0 || req.ContentLength > readAhead || req.Header["Expect"] != nil) {
 		return tee(m, req, c)
 	}
@@ -267,22 +289,46 @@ func begin(m *mirror, req *http.Request, withBody bool) *copyRequest {
 	if withBody && !readBody(m, req, c) || !acquire(m) {
 		return nil
 	}
-	compared := m.cfg.compare != nil && prepareCompare(m, c)
-	go send(m, c)
-	if compared {
+	if m.cfg.compare != nil && prepareCompare(m, c) {
+		go send(m, c)
 		return c
 	}
+	go send(m, c)
 	return nil
+}
+
+// refused says whether a request must not be copied, and counts why: a target that is not a
+// plain path (an opaque "x:@host/p", "*": only the path and query of a request are ever put on
+// the mirror's URL), an upgrade, a copy of this process's own, a body over maxBodySize, or a
+// copy over maxRate.
+func refused(m *mirror, req *http.Request, withBody bool) bool {
+	switch {
+	case req.URL.Path == "" || req.URL.Path[0] != '/' || req.Method == http.MethodConnect ||
+		(req.Header["Connection"] != nil || req.Header[loopHeader] != nil) && excluded(req.Header):
+		atomic.AddInt64(&m.st.counts[skipped], 1)
+	case withBody && m.cfg.maxBodySize >= 0 && req.ContentLength > m.cfg.maxBodySize:
+		count(m.st, tooLarge, nil)
+	case m.cfg.rateInterval > 0 && !allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance):
+		count(m.st, rateLimited, nil)
+	default:
+		return false
+	}
+	return true
 }
 
 // acquire takes a slot, owned by the copy from then on, unless every one is taken.
 func acquire(m *mirror) bool {
 	if atomic.AddInt64(&m.st.inflight, 1) > m.cfg.maxInflight {
-		atomic.AddInt64(&m.st.inflight, -1)
-		count(m.st, dropped, nil)
+		noSlot(m)
 		return false
 	}
 	return true
+}
+
+// noSlot gives back the slot taken over the limit, and counts the copy dropped.
+func noSlot(m *mirror) {
+	atomic.AddInt64(&m.st.inflight, -1)
+	count(m.st, dropped, nil)
 }
 
 // excluded says whether a request carrying Connection or the loop header must not be copied:
@@ -312,14 +358,19 @@ func readBody(m *mirror, req *http.Request, c *copyRequest) bool {
 	buf := make([]byte, req.ContentLength) // 1..readAhead: begin tees every other length
 	n, err := io.ReadFull(req.Body, buf)
 	if err != nil {
-		// The client cut the body short: the primary gets the bytes that came, then the error.
-		req.Body = io.NopCloser(io.MultiReader(bytes.NewReader(buf[:n]), req.Body))
-		count(m.st, skipped, nil)
+		cutShort(m, req, buf[:n])
 		return false
 	}
 	req.Body = io.NopCloser(bytes.NewReader(buf))
 	c.body = buf
 	return true
+}
+
+// cutShort gives the primary of a body that the client cut short the bytes that came, then the
+// error, and counts it: no copy is sent.
+func cutShort(m *mirror, req *http.Request, came []byte) {
+	req.Body = io.NopCloser(io.MultiReader(bytes.NewReader(came), req.Body))
+	count(m.st, skipped, nil)
 }
 
 // tee copies a body as the primary reads it, once it has a slot. The copy's deadline starts

@@ -35,6 +35,15 @@ const logInterval = 10 * time.Second
 // Prometheus client's defaults).
 var durationBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
 
+// durationBounds are durationBuckets in nanoseconds.
+var durationBounds = func() []int64 {
+	b := make([]int64, len(durationBuckets))
+	for i, s := range durationBuckets {
+		b[i] = int64(s * float64(time.Second))
+	}
+	return b
+}()
+
 // maxCode bounds the status codes counted: Go's client accepts three digits only.
 const maxCode = 1000
 
