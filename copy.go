@@ -173,7 +173,7 @@ func send(m *mirror, c *copyRequest) {
 	c.began = time.Now()
 	resp, err := m.transport.RoundTrip(out)
 	if err != nil || resp.StatusCode >= 500 && m.cfg.retries > 0 {
-		resp, err = retry(ctx, m, c, out, resp, err) //nolint:bodyclose // answered closes it
+		resp, err = retry(ctx, m, c, out, resp, err)
 	}
 	switch {
 	case err != nil:
