@@ -19,8 +19,6 @@ import (
 	"github.com/mirrorgate/traefik-mirror/tests/harness"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-	"github.com/traefik/yaegi/interp"
-	"github.com/traefik/yaegi/stdlib"
 	"gopkg.in/yaml.v3"
 )
 
@@ -28,19 +26,7 @@ import (
 // the way loadInterpreted loads the plugin.
 func loadFloor(t testing.TB) *interpreted {
 	t.Helper()
-	gopath := t.TempDir()
-	_, err := harness.LayoutFloor(filepath.Join(gopath, "src"))
-	require.NoError(t, err)
-	p := &interpreted{stdout: &harness.SyncBuffer{}, stderr: &harness.SyncBuffer{}}
-	i := interp.New(interp.Options{GoPath: gopath, Env: os.Environ(), Stdout: p.stdout, Stderr: p.stderr})
-	require.NoError(t, i.Use(stdlib.Symbols))
-	_, err = i.Eval(`import "` + harness.FloorModulePath + `"`)
-	require.NoError(t, err)
-	p.fnNew, err = i.Eval("floor.New")
-	require.NoError(t, err)
-	p.fnCreateConfig, err = i.Eval("floor.CreateConfig")
-	require.NoError(t, err)
-	return p
+	return loadPackage(t, harness.LayoutFloor, harness.FloorModulePath, "floor")
 }
 
 // TestYaegiFloorCopies checks the floor the benchmarks measure against: its manifest's testData

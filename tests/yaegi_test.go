@@ -38,17 +38,23 @@ type interpreted struct {
 
 func loadInterpreted(t testing.TB) *interpreted {
 	t.Helper()
+	return loadPackage(t, harness.LayoutPlugin, harness.ModulePath, "mirror")
+}
+
+// loadPackage lays a plugin out in a GOPATH of its own and loads it under Yaegi, as Traefik does.
+func loadPackage(t testing.TB, lay func(srcRoot string) (string, error), modulePath, pkg string) *interpreted {
+	t.Helper()
 	gopath := t.TempDir()
-	_, err := harness.LayoutPlugin(filepath.Join(gopath, "src"))
+	_, err := lay(filepath.Join(gopath, "src"))
 	require.NoError(t, err)
 	p := &interpreted{stdout: &harness.SyncBuffer{}, stderr: &harness.SyncBuffer{}}
 	i := interp.New(interp.Options{GoPath: gopath, Env: os.Environ(), Stdout: p.stdout, Stderr: p.stderr})
 	require.NoError(t, i.Use(stdlib.Symbols))
-	_, err = i.Eval(`import "` + harness.ModulePath + `"`)
+	_, err = i.Eval(`import "` + modulePath + `"`)
 	require.NoError(t, err)
-	p.fnNew, err = i.Eval("mirror.New")
+	p.fnNew, err = i.Eval(pkg + ".New")
 	require.NoError(t, err)
-	p.fnCreateConfig, err = i.Eval("mirror.CreateConfig")
+	p.fnCreateConfig, err = i.Eval(pkg + ".CreateConfig")
 	require.NoError(t, err)
 	return p
 }

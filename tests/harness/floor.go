@@ -1,9 +1,7 @@
 package harness
 
 import (
-	"os"
 	"path/filepath"
-	"strings"
 )
 
 // The floor (tests/floor) is the project's own minimal copying plugin, the measuring stick of
@@ -22,28 +20,7 @@ func FloorDir() string { return filepath.Join(RepoRoot(), "tests", "floor") }
 // LayoutFloor copies what Traefik loads of the floor (.traefik.yml and the package's non-test Go
 // files) to srcRoot/<FloorModulePath>, and returns that directory.
 func LayoutFloor(srcRoot string) (string, error) {
-	dst := filepath.Join(srcRoot, filepath.FromSlash(FloorModulePath))
-	if err := os.MkdirAll(dst, 0o755); err != nil {
-		return "", err
-	}
-	names, err := filepath.Glob(filepath.Join(FloorDir(), "*.go"))
-	if err != nil {
-		return "", err
-	}
-	names = append(names, filepath.Join(FloorDir(), ".traefik.yml"))
-	for _, name := range names {
-		if strings.HasSuffix(name, "_test.go") {
-			continue
-		}
-		b, err := os.ReadFile(name)
-		if err != nil {
-			return "", err
-		}
-		if err := os.WriteFile(filepath.Join(dst, filepath.Base(name)), b, 0o644); err != nil {
-			return "", err
-		}
-	}
-	return dst, nil
+	return layout(FloorDir(), filepath.Join(srcRoot, filepath.FromSlash(FloorModulePath)))
 }
 
 // Floor adds a middleware that runs the floor, copying every request to url.

@@ -23,16 +23,20 @@ func RepoRoot() string {
 // LayoutPlugin copies what Traefik loads of the plugin (.traefik.yml and the root package's
 // non-test Go files) to srcRoot/<module path>, and returns that directory.
 func LayoutPlugin(srcRoot string) (string, error) {
-	dst := filepath.Join(srcRoot, filepath.FromSlash(ModulePath))
+	root := RepoRoot()
+	return layout(root, filepath.Join(srcRoot, filepath.FromSlash(ModulePath)), filepath.Join(root, "go.mod"))
+}
+
+// layout copies a package's non-test Go files, its .traefik.yml and the extra files to dst.
+func layout(src, dst string, extra ...string) (string, error) {
 	if err := os.MkdirAll(dst, 0o755); err != nil {
 		return "", err
 	}
-	root := RepoRoot()
-	names, err := filepath.Glob(filepath.Join(root, "*.go"))
+	names, err := filepath.Glob(filepath.Join(src, "*.go"))
 	if err != nil {
 		return "", err
 	}
-	names = append(names, filepath.Join(root, ".traefik.yml"), filepath.Join(root, "go.mod"))
+	names = append(append(names, filepath.Join(src, ".traefik.yml")), extra...)
 	for _, name := range names {
 		if strings.HasSuffix(name, "_test.go") {
 			continue
