@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"regexp"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -228,7 +227,7 @@ func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
 // readAheadBody reads a small body of known length for a lean copy, and gives the primary a
 // standard-library reader over the same bytes; nil if the client cut it short (see readBody).
 func readAheadBody(m *mirror, req *http.Request) []byte {
-	buf := make([]byte, req.ContentLength)
+	buf := make([]byte, req.ContentLength) // bounded: 1..leanBody (serve), at most readAhead
 	if n, err := io.ReadFull(req.Body, buf); err != nil {
 		cutShort(m, req, buf[:n])
 		return nil
@@ -355,7 +354,7 @@ func isUpgrade(h http.Header) bool {
 // is at most readAhead. (The paths that start does not always take live in functions of their
 // own, so that start allocates less: see ServeHTTP.)
 func readBody(m *mirror, req *http.Request, c *copyRequest) bool {
-	buf := make([]byte, req.ContentLength) // 1..readAhead: begin tees every other length
+	buf := make([]byte, req.ContentLength) // bounded: 1..readAhead, start tees every other length
 	n, err := io.ReadFull(req.Body, buf)
 	if err != nil {
 		cutShort(m, req, buf[:n])
@@ -371,92 +370,4 @@ func readBody(m *mirror, req *http.Request, c *copyRequest) bool {
 func cutShort(m *mirror, req *http.Request, came []byte) {
 	req.Body = io.NopCloser(io.MultiReader(bytes.NewReader(came), req.Body))
 	count(m.st, skipped, nil)
-}
-
-// tee copies a body as the primary reads it, once it has a slot. The copy's deadline starts
-// now: a body that is not complete by then is abandoned, so that no client holds a slot longer
-// than timeout.
-func tee(m *mirror, req *http.Request, c *copyRequest) *copyRequest {
-	if !acquire(m) {
-		return nil
-	}
-	if m.cfg.compare != nil {
-		prepareCompare(m, c)
-	}
-	t := &teeBody{body: req.Body, m: m, c: c}
-	c.deadline = time.Now().Add(m.cfg.timeout)
-	t.mu.Lock()
-	t.timer = time.AfterFunc(m.cfg.timeout, t.expire)
-	t.mu.Unlock()
-	c.tee = t
-	req.Body = t
-	return c
-}
-
-// teeBody keeps a copy of a body while the primary reads it, and sends the mirror copy when the
-// primary has read it all.
-type teeBody struct {
-	body io.ReadCloser
-	m    *mirror
-	c    *copyRequest
-
-	mu    sync.Mutex // the proxy may read the body from another goroutine
-	done  bool
-	timer *time.Timer
-}
-
-func (t *teeBody) Read(p []byte) (int, error) {
-	n, err := t.body.Read(p)
-	t.observe(p[:n], err)
-	return n, err
-}
-
-func (t *teeBody) Close() error {
-	t.abandon()
-	return t.body.Close()
-}
-
-func (t *teeBody) observe(b []byte, err error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.done {
-		return
-	}
-	if limit := t.m.cfg.maxBodySize; limit >= 0 && int64(len(t.c.body)+len(b)) > limit {
-		t.finish(tooLarge)
-		return
-	}
-	t.c.body = append(t.c.body, b...)
-	switch {
-	case err == io.EOF:
-		t.done = true
-		t.timer.Stop()
-		t.c.timeout = time.Until(t.c.deadline)
-		go send(t.m, t.c)
-	case err != nil:
-		t.finish(skipped)
-	}
-}
-
-// abandon ends a copy whose body the primary did not read to the end.
-func (t *teeBody) abandon() {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if !t.done {
-		t.finish(skipped)
-	}
-}
-
-// expire runs in a timer's goroutine when the body was not complete within timeout.
-func (t *teeBody) expire() {
-	defer func() { _ = recover() }() // a panic here would kill Traefik
-	t.abandon()
-}
-
-func (t *teeBody) finish(o outcome) {
-	t.done = true
-	t.timer.Stop()
-	t.c.body = nil
-	atomic.AddInt64(&t.m.st.inflight, -1)
-	count(t.m.st, o, nil)
 }
