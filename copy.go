@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -330,7 +331,7 @@ func newCopy(ctx context.Context, m *mirror, c *copyRequest) *http.Request {
 	}
 	// X-Forwarded-Host, -Proto, -Port and -Server are already there: Traefik's entry point sets
 	// them before any middleware runs. X-Forwarded-For is the proxy's, as the primary gets it.
-	if ip := clientIP(in.RemoteAddr); ip != "" {
+	if ip, _, err := net.SplitHostPort(in.RemoteAddr); err == nil {
 		if prior := h["X-Forwarded-For"]; prior != nil {
 			ip = strings.Join(prior, ", ") + ", " + ip
 		}
@@ -348,20 +349,6 @@ func newCopy(ctx context.Context, m *mirror, c *copyRequest) *http.Request {
 		h[loopHeader] = ownLoop
 	}
 	return out
-}
-
-// clientIP is the host of a remote address as net.SplitHostPort gives it ("" if it has no port),
-// without its call, which costs more under Yaegi: Go's server sets RemoteAddr to "ip:port" or
-// "[ip6]:port".
-func clientIP(addr string) string {
-	i := strings.LastIndexByte(addr, ':')
-	if i < 0 {
-		return ""
-	}
-	if addr[0] == '[' && i > 1 && addr[i-1] == ']' {
-		return addr[1 : i-1]
-	}
-	return addr[:i]
 }
 
 // shape applies removeHeaders, then setHeaders, then preserveHost.
