@@ -15,6 +15,8 @@ const yaegiCosts = `package costs
 
 import (
 	"net/http"
+	"net/http/httptest"
+	"io"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -51,6 +53,34 @@ func Goroutine()     { go empty() }
 func StructLiteral() { t := &state{a: 1, b: 2}; t.c = 3 }
 func CallCondition() { wide(req) }
 func RequestClone()  { _ = req.Clone(req.Context()) }
+
+// An interpreted http.ResponseWriter (as the comparison's capture is) handed to compiled code.
+type writer struct {
+	http.ResponseWriter
+	n int
+}
+
+var (
+	recorder                      = httptest.NewRecorder()
+	pooled                        = &writer{ResponseWriter: recorder}
+	convertedOnce http.ResponseWriter = pooled
+)
+
+// Write counts and passes on, as the capture's does.
+func (w *writer) Write(b []byte) (int, error) {
+	w.n += len(b)
+	return w.ResponseWriter.Write(b)
+}
+
+// CompiledCallsWrite: compiled code (io.WriteString) calls the interpreted Write once.
+func CompiledCallsWrite() {
+	recorder.Body.Reset()
+	_, _ = io.WriteString(convertedOnce, "x")
+}
+
+func WriterFresh()         { _ = http.NewResponseController(&writer{ResponseWriter: recorder}) }
+func WriterSame()          { _ = http.NewResponseController(pooled) }
+func WriterConvertedOnce() { _ = http.NewResponseController(convertedOnce) }
 `
 
 func BenchmarkYaegiConstructs(b *testing.B) {
@@ -62,7 +92,8 @@ func BenchmarkYaegiConstructs(b *testing.B) {
 		b.Fatal(err)
 	}
 	for _, name := range []string{"Empty", "CallPlain", "CallStdlib", "AtomicAdd", "TimeNow", "HeaderLookup", "HeaderSet",
-		"FieldSum", "UntakenBranch", "Deferred", "Goroutine", "StructLiteral", "CallCondition", "RequestClone"} {
+		"FieldSum", "UntakenBranch", "Deferred", "Goroutine", "StructLiteral", "CallCondition", "RequestClone",
+		"WriterFresh", "WriterSame", "WriterConvertedOnce", "CompiledCallsWrite"} {
 		v, err := i.Eval("costs." + name)
 		if err != nil {
 			b.Fatal(err)
