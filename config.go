@@ -153,6 +153,8 @@ type settings struct {
 	maxRate       float64
 
 	metricsAddress string
+	metrics        bool // metricsAddress is set: the copies' durations, answers and bytes are counted
+	timed          bool // metrics or compare: the copy's duration is measured
 
 	compare *compareSettings // nil: off
 }
@@ -237,6 +239,8 @@ func compile(c *Config) (settings, error) {
 	}
 
 	s.compare, err = compileCompare(&c.Compare)
+	s.metrics = s.metricsAddress != ""
+	s.timed = s.metrics || s.compare != nil
 	s.choose = s.share < 1 || s.gate
 	// The short path copies what needs no option's work on the client's path: no rate to take
 	// from, no answer to capture, and a body read ahead within maxBodySize.

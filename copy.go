@@ -157,7 +157,8 @@ type copyRequest struct {
 
 	askedGzip bool // the copy asks for gzip where the client asked for no encoding (see meant)
 
-	began   time.Time // when the copy was sent
+	began   time.Time // when the copy was sent (with metrics or compare)
+	code    int       // the mirror's last answer's status, once read
 	outcome outcome
 	err     error
 }
@@ -171,7 +172,9 @@ func send(m *mirror, c *copyRequest) {
 	// Detached from the client's request: only the mirror's own deadline cancels the copy.
 	ctx, cancel := context.WithTimeout(background, c.timeout)
 	out := newCopy(ctx, m, c)
-	c.began = time.Now()
+	if m.cfg.timed {
+		c.began = time.Now()
+	}
 	resp, err := m.transport.RoundTrip(out)
 	if err != nil || resp.StatusCode >= 500 && m.cfg.retries > 0 {
 		resp, err = retry(ctx, m, c, out, resp, err)
@@ -181,12 +184,9 @@ func send(m *mirror, c *copyRequest) {
 	case resp.StatusCode < 200 || resp.StatusCode >= 500 || c.capture != nil:
 		err = answered(ctx, m, c, resp)
 	default: // the common answer, inline: a call costs under Yaegi
-		atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
 		_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
 		_ = resp.Body.Close()
-		if c.body != nil {
-			atomic.AddInt64(&m.st.copiedBytes, int64(len(c.body)))
-		}
+		c.code = resp.StatusCode // counted in settle
 		c.outcome = sent
 	}
 	cancel()
@@ -198,14 +198,16 @@ func send(m *mirror, c *copyRequest) {
 // answered counts the mirror's answer and reads it, at most maxDrain bytes of it so that its
 // connection can be reused (or what the comparison captures), and closes it.
 func answered(ctx context.Context, m *mirror, c *copyRequest, resp *http.Response) error {
-	atomic.AddInt64(&m.st.codes[resp.StatusCode], 1) // Go's client reads three digits only
 	if resp.StatusCode < 200 {
 		// A final 1xx (101 Switching Protocols): Go's client hands back the connection as the
 		// body, which the copy's deadline no longer bounds. A copy is never upgraded.
+		if m.cfg.metrics {
+			atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
+		}
 		_ = resp.Body.Close()
 		return fmt.Errorf("mirror answered %s to a copy, which is never upgraded", resp.Status)
 	}
-	atomic.AddInt64(&m.st.copiedBytes, int64(len(c.body)))
+	c.code = resp.StatusCode // counted in settle
 	if c.capture != nil {
 		compareAnswer(ctx, m, c, resp)
 	} else {
@@ -234,7 +236,9 @@ func retry(ctx context.Context, m *mirror, c *copyRequest, out *http.Request, re
 			return resp, err
 		}
 		if err == nil { // this answer is not the last: count it and let it go (answered counts the last)
-			atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
+			if m.cfg.metrics {
+				atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
+			}
 			_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
 			_ = resp.Body.Close()
 		}
@@ -270,13 +274,9 @@ func settle(m *mirror, c *copyRequest) {
 	}
 	st := m.st
 	atomic.AddInt64(&st.inflight, -1)
-	d := int64(time.Since(c.began))
-	b := 0 // the bucket: a loop of comparisons allocates nothing, a call into compiled code does
-	for b < len(durationBounds) && d > durationBounds[b] {
-		b++
+	if m.cfg.metrics {
+		measured(st, c)
 	}
-	atomic.AddInt64(&st.durations[b], 1)
-	atomic.AddInt64(&st.durationSum, d)
 	if c.err != nil {
 		count(st, c.outcome, c.err)
 		return
@@ -288,6 +288,25 @@ func settle(m *mirror, c *copyRequest) {
 }
 
 func panicked(r any) error { return fmt.Errorf("panic: %v", r) }
+
+// measured counts, for the metrics, a copy's duration in the histogram and, if the mirror
+// answered it, the answer's status and the body bytes sent. (Only with metricsAddress: an option
+// that is not configured costs nothing per copy.)
+func measured(st *state, c *copyRequest) {
+	if c.code != 0 {
+		atomic.AddInt64(&st.codes[c.code], 1) // Go's client reads three digits only
+		if c.body != nil {
+			atomic.AddInt64(&st.copiedBytes, int64(len(c.body)))
+		}
+	}
+	d := int64(time.Since(c.began))
+	b := 0 // the bucket: a loop of comparisons allocates nothing, a call into compiled code does
+	for b < len(durationBounds) && d > durationBounds[b] {
+		b++
+	}
+	atomic.AddInt64(&st.durations[b], 1)
+	atomic.AddInt64(&st.durationSum, d)
+}
 
 // newCopy builds the copy as Traefik's proxy (net/http/httputil) builds the primary's request.
 // The request line comes as the primary gets it: Traefik's entry point has already turned the

@@ -138,6 +138,10 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer down.Close()
+	metricsAddr, err := harness.FreeAddrs(1)
+	if err != nil {
+		b.Fatal(err)
+	}
 	cases := []struct {
 		name    string
 		method  string
@@ -150,6 +154,8 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 		{"rateLimited", http.MethodGet, 0, 100, map[string]any{"maxRate": "0.000001"}},
 		{"GET", http.MethodGet, 0, 100, nil},
 		{"POST_1KiB", http.MethodPost, 1 << 10, 100, nil},
+		// With metrics served: the durations, answers and bytes counted too.
+		{"POST_1KiB_metrics", http.MethodPost, 1 << 10, 100, map[string]any{"metricsAddress": metricsAddr[0]}},
 		{"POST_1KiB_compared", http.MethodPost, 1 << 10, 100, map[string]any{"compare": map[string]any{"enabled": true}}},
 		{"POST_64KiB", http.MethodPost, 64 << 10, 100, nil},
 		{"POST_256KiB_tee", http.MethodPost, 256 << 10, 100, nil},
@@ -182,7 +188,8 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 			body := []byte(strings.Repeat("b", bc.size))
 			rw := httptest.NewRecorder()
 			// Copies that reach a healthy mirror are paced, so that none is dropped.
-			paced := bc.percent == 100 && bc.size <= 1<<20 && (bc.config == nil || bc.config["compare"] != nil)
+			paced := bc.percent == 100 && bc.size <= 1<<20 &&
+				(bc.config == nil || bc.config["compare"] != nil || bc.config["metricsAddress"] != nil)
 			before := count()
 			b.ReportAllocs()
 			b.ResetTimer()
