@@ -41,7 +41,7 @@ type scenario struct {
 	json     bool    // the primary and the mirror answer the same 1 KiB JSON document, not "ok"
 }
 
-var allModes = []string{"none", "builtin", "builtin-1MiB", "floor", "plugin"}
+var allModes = []string{"none", "builtin", "builtin-1MiB", "floor", "plugin", "plugin-bare"}
 
 // faultModes are the modes of the scenarios with a slow, down or hung mirror. The floor has no
 // limits (it keeps every copy to a mirror that does not answer) and measures the cost of a
@@ -86,7 +86,7 @@ func main() {
 	rounds := flag.Int("rounds", 6, "rounds of alternation (A B C, then C B A, ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
-	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, floor, plugin, plugin-compare, plugin-twin (default: each scenario's own list)")
+	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, floor, plugin, plugin-bare, plugin-compare, plugin-twin (default: each scenario's own list)")
 	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of each Traefik during its first run")
 	flag.Parse()
 
@@ -249,6 +249,9 @@ func dynamicFor(mode string, sc scenario, primary, mirror string) string {
 		d.Router("api", "/", "primary", "mirror-floor")
 	case "plugin", "plugin-twin":
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent})
+		d.Router("api", "/", "primary", "mirror-api")
+	case "plugin-bare": // the default options with the example's maxBodySize: no metrics
+		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "metricsAddress": nil})
 		d.Router("api", "/", "primary", "mirror-api")
 	case "plugin-compare":
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "compare": map[string]any{"enabled": true}})
@@ -503,6 +506,16 @@ func report(sc scenario, runs []*modeRun) {
 		fmt.Printf("; plugin/floor: %s", ratios(plugin, floor))
 	}
 	fmt.Println()
+	if bare := byName["plugin-bare"]; bare != nil {
+		fmt.Printf("\nplugin/plugin-bare (what the metrics cost): %s", ratios(plugin, bare))
+		if builtin := byName["builtin"]; builtin != nil {
+			fmt.Printf("; plugin-bare/builtin: %s", ratios(bare, builtin))
+		}
+		if floor != nil {
+			fmt.Printf("; plugin-bare/floor: %s", ratios(bare, floor))
+		}
+		fmt.Println()
+	}
 	if compared := byName["plugin-compare"]; compared != nil {
 		fmt.Printf("\nplugin-compare/plugin: %s; plugin-compare/none: %s\n", ratios(compared, plugin), ratios(compared, none))
 	}
