@@ -211,10 +211,13 @@ func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
 	}
 	var body []byte
 	if req.ContentLength > 0 {
-		if body = readAheadBody(m, req); body == nil {
+		body = make([]byte, req.ContentLength) // bounded: 1..leanBody, at most readAhead
+		if n, err := io.ReadFull(req.Body, body); err != nil {
+			cutShort(m, req, body[:n])
 			m.next.ServeHTTP(rw, req)
 			return
 		}
+		req.Body = io.NopCloser(bytes.NewReader(body))
 	}
 	if atomic.AddInt64(&m.st.inflight, 1) > m.cfg.maxInflight {
 		noSlot(m)
@@ -222,18 +225,6 @@ func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
 		go send(m, &copyRequest{req: req.Clone(background), body: body, timeout: m.cfg.timeout})
 	}
 	m.next.ServeHTTP(rw, req)
-}
-
-// readAheadBody reads a small body of known length for a lean copy, and gives the primary a
-// standard-library reader over the same bytes; nil if the client cut it short (see readBody).
-func readAheadBody(m *mirror, req *http.Request) []byte {
-	buf := make([]byte, req.ContentLength) // bounded: 1..leanBody (serve), at most readAhead
-	if n, err := io.ReadFull(req.Body, buf); err != nil {
-		cutShort(m, req, buf[:n])
-		return nil
-	}
-	req.Body = io.NopCloser(bytes.NewReader(buf))
-	return buf
 }
 
 // serveOther serves a request that the lean path does not take.
