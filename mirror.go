@@ -110,9 +110,10 @@ func repeatConfigError(st *state, due int64) {
 // ServeHTTP is interpreted by Yaegi on every request. Under Yaegi v0.16.1 every call allocates
 // one value per expression of the called function, and a call to an interpreted method costs
 // about six times a call to a plain function (it builds a function wrapper through
-// reflect.MakeFunc). So ServeHTTP holds only the sampling and the filters, the cheapest paths;
-// the request path is made of plain functions, each holding what its path needs; only the
-// methods that compiled code calls are methods.
+// reflect.MakeFunc). So ServeHTTP holds one check, decided in New: percent, sampleBy and the
+// filters, which only some middlewares have, go through choose; the request path is made of
+// plain functions, each holding what its path needs; only the methods that compiled code calls
+// are methods.
 func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	if m.cfg.choose {
 		choose(m, rw, req)
