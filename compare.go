@@ -236,8 +236,8 @@ func judge(m *mirror, c *copyRequest, st *compareStats, mir *side) {
 	defer judging.Unlock()
 	w := c.capture
 	prim := side{code: w.code, header: w.header, body: w.body, over: w.over, latency: w.latency}
-	diffs := differences(m.cfg.compare, prim, *mir)
-	st.record(prim, *mir, diffs)
+	diffs, headersOnly := differences(m.cfg.compare, prim, *mir)
+	st.record(prim.latency, mir.latency, headersOnly, diffs)
 	if len(diffs) == 0 {
 		atomic.AddInt64(&st.results[matched], 1)
 		return
@@ -264,8 +264,7 @@ type difference struct {
 
 // differences compares two answers: status, headers (noise and ignoreHeaders aside), and the
 // bodies when both are within the limit: as JSON values when both are JSON, else byte for byte.
-func differences(cmp *compareSettings, prim, mir side) []difference {
-	var diffs []difference
+func differences(cmp *compareSettings, prim, mir side) (diffs []difference, headersOnly bool) {
 	if prim.code != mir.code {
 		diffs = append(diffs, difference{Kind: "status", Primary: strconv.Itoa(prim.code), Mirror: strconv.Itoa(mir.code)})
 	}
@@ -285,7 +284,7 @@ func differences(cmp *compareSettings, prim, mir side) []difference {
 	sort.Strings(differ)
 	for _, name := range differ {
 		if len(diffs) >= maxDifferences {
-			return diffs
+			return diffs, prim.over || mir.over
 		}
 		p, q := headerValue(prim.header, name), headerValue(mir.header, name)
 		if p != q {
@@ -293,21 +292,25 @@ func differences(cmp *compareSettings, prim, mir side) []difference {
 		}
 	}
 	if prim.over || mir.over || len(diffs) >= maxDifferences {
-		return diffs // compared by status and headers only, or nothing more is listed
+		return diffs, prim.over || mir.over // status and headers only, or nothing more is listed
 	}
 	if bytes.Equal(prim.body, mir.body) && sameValues(prim.header["Content-Encoding"], mir.header["Content-Encoding"]) {
-		return diffs // the same bytes, encoded alike: the same value, JSON or not
+		return diffs, false // the same bytes, encoded alike: the same value, JSON or not
 	}
-	pb, qb := decoded(prim), decoded(mir)
+	pb, overP := decoded(prim, cmp.maxBodySize)
+	qb, overQ := decoded(mir, cmp.maxBodySize)
+	if overP || overQ {
+		return diffs, true // longer than the limit once gzip is undone: status and headers only
+	}
 	if isJSON(prim.header) && isJSON(mir.header) {
 		if d, ok := compareJSON(cmp, diffs, pb, qb); ok {
-			return d
+			return d, false
 		}
 	}
 	if !bytes.Equal(pb, qb) && len(diffs) < maxDifferences {
 		diffs = append(diffs, difference{Kind: "body", Primary: digest(pb), Mirror: digest(qb)})
 	}
-	return diffs
+	return diffs, false
 }
 
 func sameValues(a, b []string) bool {
@@ -341,20 +344,21 @@ func isJSON(h http.Header) bool {
 	return strings.Contains(ct, "json")
 }
 
-// decoded is a body as its service meant it: gzip undone, within the same limit.
-func decoded(s side) []byte {
+// decoded is a body as its service meant it: gzip undone, up to the limit (over: it is longer,
+// and is compared by status and headers only).
+func decoded(s side, limit int64) (_ []byte, over bool) {
 	if !strings.EqualFold(s.header.Get("Content-Encoding"), "gzip") {
-		return s.body
+		return s.body, false
 	}
 	zr, err := gzip.NewReader(bytes.NewReader(s.body))
 	if err != nil {
-		return s.body
+		return s.body, false
 	}
-	out, err := io.ReadAll(io.LimitReader(zr, 4*int64(len(s.body))+64<<10))
+	out, err := io.ReadAll(io.LimitReader(zr, limit+1))
 	if err != nil && len(out) == 0 {
-		return s.body
+		return s.body, false
 	}
-	return out
+	return out, int64(len(out)) > limit
 }
 
 // min64 is min for int64: Yaegi v0.16.1 does not know the builtin.

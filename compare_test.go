@@ -109,7 +109,7 @@ func TestDifferences(t *testing.T) {
 	for _, test := range tests {
 		t.Run(test.desc, func(t *testing.T) {
 			cmp := compareSettingsFor(t, test.cfg)
-			got := differences(cmp, test.prim, test.mir)
+			got, _ := differences(cmp, test.prim, test.mir)
 			// The fast path never calls answers the same that differences tells apart.
 			w := &capture{code: test.prim.code, header: test.prim.header, body: test.prim.body}
 			if !test.prim.over && !test.mir.over && sameAnswer(cmp, w, &test.mir) && len(got) != 0 {
@@ -201,7 +201,7 @@ func TestNoiseSummary(t *testing.T) {
 		if i%4 == 0 {
 			diffs = append(diffs, difference{Kind: "json", Name: "price"})
 		}
-		cs.record(side{latency: time.Duration(i) * time.Millisecond}, side{latency: 2 * time.Duration(i) * time.Millisecond}, diffs)
+		cs.record(time.Duration(i)*time.Millisecond, 2*time.Duration(i)*time.Millisecond, false, diffs)
 		cs.results[differed]++
 	}
 	got := cs.summary()

@@ -49,11 +49,11 @@ func noiseKey(d difference) string {
 
 // record counts one comparison: its latencies, whether its body was compared, and which fields
 // differed.
-func (cs *compareStats) record(prim, mir side, diffs []difference) {
-	cs.latencies(prim.latency, mir.latency)
+func (cs *compareStats) record(prim, mir time.Duration, headersOnly bool, diffs []difference) {
+	cs.latencies(prim, mir)
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
-	if prim.over || mir.over {
+	if headersOnly {
 		cs.headersOnly++
 	}
 	if len(diffs) == 0 {

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"net/http"
@@ -101,6 +102,40 @@ func CreateConfig() *Config {
 			Percent:     100,
 		},
 	}
+}
+
+// maxCAFile bounds what is read of caFile: a bundle of every public CA is about 200 KiB.
+const maxCAFile = 4 << 20
+
+// readSmallFile reads a regular file of at most limit bytes. Anything else is refused before it
+// is opened (a FIFO would block New, and with it every configuration build of Traefik; a device
+// such as /dev/zero would be read without end).
+func readSmallFile(path string, limit int64) ([]byte, error) {
+	if err := regularFile(path); err != nil {
+		return nil, err
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = f.Close() }()
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err == nil && int64(len(b)) > limit {
+		err = fmt.Errorf("larger than %d bytes", limit)
+	}
+	return b, err
+}
+
+// regularFile says why path, if it exists, is not a regular file.
+func regularFile(path string) error {
+	info, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if !info.Mode().IsRegular() {
+		return fmt.Errorf("not a regular file (%s)", info.Mode().Type())
+	}
+	return nil
 }
 
 // maxRetries bounds retries: every attempt must fit in the one timeout anyway.
@@ -394,7 +429,7 @@ func compileTLS(s *settings, c *Config) error {
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: c.ServerName, InsecureSkipVerify: c.InsecureSkipVerify}
 	key := fmt.Sprintf("insecure=%v serverName=%q", c.InsecureSkipVerify, c.ServerName)
 	if c.CAFile != "" {
-		pem, err := os.ReadFile(c.CAFile)
+		pem, err := readSmallFile(c.CAFile, maxCAFile)
 		if err != nil {
 			return fmt.Errorf("mirror: invalid caFile %q: %w", c.CAFile, err)
 		}

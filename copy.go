@@ -68,9 +68,26 @@ func isOwnCopy(values []string) bool {
 
 // Header values set on copies, shared: header values are never modified in place.
 var (
-	gzipOnly    = []string{"gzip"}
-	noUserAgent = []string{""}
+	gzipOnly     = []string{"gzip"}
+	noUserAgent  = []string{""}
+	trailersOnly = []string{"trailers"}
 )
+
+// teTrailers says whether TE holds the token trailers, which Go's proxy keeps (alone) for the
+// primary.
+func teTrailers(h http.Header) bool {
+	for i, v := range h["Te"] {
+		if i == 4 || len(v) > 256 { // no client needs more: a longer TE is not looked at
+			return false
+		}
+		for _, token := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(token), "trailers") {
+				return true
+			}
+		}
+	}
+	return false
+}
 
 // ownLoop is the loop header of a copy of a request that carried none (shared: header values
 // are never modified in place).
@@ -337,8 +354,12 @@ func newCopy(ctx context.Context, m *mirror, c *copyRequest) *http.Request {
 	if h["Connection"] != nil {
 		removeConnectionHeaders(h)
 	}
+	te := h["Te"] != nil && teTrailers(h)
 	for _, name := range hopHeaders {
 		delete(h, name)
+	}
+	if te {
+		h["Te"] = trailersOnly // as Go's proxy keeps it for the primary
 	}
 	// Traefik's transport asks the primary for gzip when the client did not say; so does the copy.
 	if h["Accept-Encoding"] == nil && h["Range"] == nil && in.Method != http.MethodHead {

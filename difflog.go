@@ -80,7 +80,7 @@ func useDiffLog(st *state, path string) (*diffLog, error) {
 	var l *diffLog
 	if path != "" {
 		if l = diffLogs[path]; l == nil {
-			f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+			f, err := openLogFile(path)
 			if err != nil {
 				return nil, fmt.Errorf("mirror: invalid compare.logFile %q: %w", path, err)
 			}
@@ -105,6 +105,15 @@ func useDiffLog(st *state, path string) (*diffLog, error) {
 	return l, nil
 }
 
+// openLogFile opens a log file for appending, creating it, unless the path names something other
+// than a regular file: a FIFO would block the open, in New every configuration build of Traefik.
+func openLogFile(path string) (*os.File, error) {
+	if err := regularFile(path); err != nil && !os.IsNotExist(err) {
+		return nil, err
+	}
+	return os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+}
+
 func (l *diffLog) close() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -126,7 +135,7 @@ func (l *diffLog) write(line []byte) bool {
 		open, err1 := l.f.Stat()
 		named, err2 := os.Stat(l.path)
 		if err1 != nil || err2 != nil || !os.SameFile(open, named) {
-			if f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644); err == nil {
+			if f, err := openLogFile(l.path); err == nil {
 				_ = l.f.Close()
 				l.f = f
 			}

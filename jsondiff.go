@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 )
 
 // The JSON comparison is bounded whatever the answers hold. The texts are compared in compiled
@@ -19,7 +20,7 @@ import (
 // ms to encode again, compiled; the interpreted recursive walk cost 48 MB of stack.)
 const (
 	maxJSONDepth   = 32
-	maxJSONNodes   = 1000
+	maxJSONNodes   = 256
 	maxJSONNesting = 128
 	jsonScanFactor = 4
 )
@@ -27,8 +28,10 @@ const (
 // compareJSON compares two bodies as JSON values and appends each path that differs; ok is
 // false when either is not one JSON value (the caller compares the bytes).
 func compareJSON(cmp *compareSettings, diffs []difference, p, q []byte) (_ []difference, ok bool) {
+	// Text that is not UTF-8 is compared as bytes: decoding would turn every invalid byte into
+	// U+FFFD, and tell different texts the same.
 	var a, b bytes.Buffer
-	if json.Compact(&a, p) != nil || json.Compact(&b, q) != nil {
+	if !utf8.Valid(p) || !utf8.Valid(q) || json.Compact(&a, p) != nil || json.Compact(&b, q) != nil {
 		return diffs, false
 	}
 	w := &jsonWalk{cmp: cmp, diffs: diffs, budget: maxJSONNodes, scan: jsonScanFactor * (a.Len() + b.Len())}

@@ -70,7 +70,7 @@ func TestJSONComparisonIsBounded(t *testing.T) {
 	for _, test := range tests {
 		t.Run(test.desc, func(t *testing.T) {
 			cmp := compareSettingsFor(t, CompareConfig{MaxBodySize: 4 << 20})
-			got := differences(cmp, jsonSide(200, test.prim), jsonSide(200, test.mir))
+			got, _ := differences(cmp, jsonSide(200, test.prim), jsonSide(200, test.mir))
 			equal(t, len(got), test.expDiffs, "differences")
 			for _, d := range got {
 				if len(d.Name) > maxValue+3 || len(d.Primary) > maxValue+3 || len(d.Mirror) > maxValue+3 {
@@ -96,7 +96,7 @@ func TestJSONComparisonMemory(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&before)
 	for i := 0; i < 10; i++ {
-		differences(cmp, p, q)
+		_, _ = differences(cmp, p, q)
 	}
 	runtime.ReadMemStats(&after)
 	perComparison := (after.TotalAlloc - before.TotalAlloc) / 10
@@ -113,7 +113,7 @@ func TestHeaderDifferencesAreCapped(t *testing.T) {
 	for i := 0; i < 3000; i++ {
 		mir.header.Set(fmt.Sprintf("X-Extra-%d", i), strings.Repeat("v", 1000))
 	}
-	got := differences(cmp, jsonSide(200, `{"a":1}`), mir)
+	got, _ := differences(cmp, jsonSide(200, `{"a":1}`), mir)
 	equal(t, len(got), maxDifferences, "differences listed")
 }
 
@@ -122,7 +122,7 @@ func TestHeaderDifferencesAreCapped(t *testing.T) {
 func TestNoiseLearnedLate(t *testing.T) {
 	cs := &compareStats{noise: map[string]*noiseCount{}}
 	judged := func(diffs ...difference) {
-		cs.record(side{}, side{}, diffs)
+		cs.record(0, 0, false, diffs)
 		cs.results[differed]++
 	}
 	for i := 0; i < 128; i++ { // random keys fill the table
@@ -147,7 +147,8 @@ func TestNoiseKeysAreBounded(t *testing.T) {
 	cs := &compareStats{noise: map[string]*noiseCount{}}
 	for i := 0; i < 3; i++ {
 		key := strings.Repeat(fmt.Sprint(i), 1<<20)
-		cs.record(side{}, side{}, differences(cmp, jsonSide(200, `{"`+key+`":1}`), jsonSide(200, `{"`+key+`":2}`)))
+		diffs, _ := differences(cmp, jsonSide(200, `{"`+key+`":1}`), jsonSide(200, `{"`+key+`":2}`))
+		cs.record(0, 0, false, diffs)
 	}
 	for key := range cs.noise {
 		if len(key) > maxValue+16 {
@@ -242,8 +243,35 @@ func BenchmarkJSONComparison(b *testing.B) {
 		b.Run(fmt.Sprintf("%s_%dKB", name, len(pair[0])>>10), func(b *testing.B) {
 			b.ReportAllocs()
 			for i := 0; i < b.N; i++ {
-				differences(cmp, p, q)
+				_, _ = differences(cmp, p, q)
 			}
 		})
+	}
+}
+
+// Answers that differ only past compare.maxBodySize, once gzip is undone, are compared by
+// status and headers only and counted so: never by the prefixes that fit.
+func TestGzipPastTheLimitIsHeadersOnly(t *testing.T) {
+	cmp := compareSettingsFor(t, CompareConfig{})
+	long := func(last string) side {
+		s := jsonSide(200, "", "Content-Encoding", "gzip")
+		s.body = gzipped(t, "["+strings.Repeat("0,", 1<<20)+last+"]")
+		return s
+	}
+	diffs, headersOnly := differences(cmp, long("1"), long("2"))
+	equal(t, len(diffs), 0, "differences")
+	equal(t, headersOnly, true, "compared by status and headers only")
+	_, headersOnly = differences(cmp, jsonSide(200, `[1]`), jsonSide(200, `[2]`))
+	equal(t, headersOnly, false, "small bodies compared whole")
+}
+
+// JSON that is not UTF-8 is compared byte for byte: decoding would make different texts equal.
+func TestJSONNotUTF8IsComparedAsBytes(t *testing.T) {
+	cmp := compareSettingsFor(t, CompareConfig{})
+	for _, pair := range [][2]string{{"{\"a\":\"\xff\"}", "{\"a\":\"\xfe\"}"}, {"{\"\xff\":1}", "{\"\xfe\":1}"}} {
+		diffs, _ := differences(cmp, jsonSide(200, pair[0]), jsonSide(200, pair[1]))
+		if len(diffs) != 1 || diffs[0].Kind != "body" {
+			t.Errorf("%q against %q: got %+v, want one body difference", pair[0], pair[1], diffs)
+		}
 	}
 }

@@ -14,6 +14,8 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"runtime"
@@ -291,7 +293,7 @@ func TestNewRejectsBadConfiguration(t *testing.T) {
 		{"removeHeaders", func(c *Config) { c.RemoveHeaders = []string{"Cookie", "Bad Name"} }, `invalid removeHeaders "Cookie,Bad Name": "Bad Name" is not a header name`},
 		{"retries below 0", func(c *Config) { c.Retries = -1 }, "invalid retries -1: must be from 0 to 10"},
 		{"retries above 10", func(c *Config) { c.Retries = 11 }, "invalid retries 11"},
-		{"caFile missing", func(c *Config) { c.URL, c.CAFile = "https://mirror", "/nonexistent/ca.pem" }, `invalid caFile "/nonexistent/ca.pem": open /nonexistent/ca.pem`},
+		{"caFile missing", func(c *Config) { c.URL, c.CAFile = "https://mirror", "/nonexistent/ca.pem" }, `invalid caFile "/nonexistent/ca.pem": stat /nonexistent/ca.pem`},
 		{"caFile not PEM", func(c *Config) { c.URL, c.CAFile = "https://mirror", "mirror.go" }, `invalid caFile "mirror.go": no PEM certificate in it`},
 		{"TLS option on http", func(c *Config) { c.InsecureSkipVerify = true }, `invalid insecureSkipVerify "true": url "http://127.0.0.1:1" is not https`},
 		{"serverName on http", func(c *Config) { c.ServerName = "shadow" }, `invalid serverName "shadow": url "http://127.0.0.1:1" is not https`},
@@ -631,11 +633,14 @@ func TestCopyHeadersAndURL(t *testing.T) {
 	}
 	equal(t, c.header.Get("Authorization"), "Bearer t", "copy Authorization")
 	equal(t, string(c.body), `{"a":1}`, "copy body")
-	for _, h := range []string{"X-Hop", "Proxy-Authorization", "Te", "Connection", "User-Agent"} {
+	for _, h := range []string{"X-Hop", "Proxy-Authorization", "Connection", "User-Agent"} {
 		if v := c.header.Values(h); len(v) != 0 {
 			t.Errorf("copy %s: got %q, want none", h, v)
 		}
 	}
+	// Te is hop-by-hop, but Go's proxy keeps "trailers" for the primary: so does the copy.
+	equal(t, c.header.Get("Te"), p.header.Get("Te"), "copy Te, against the primary's")
+	equal(t, c.header.Get("Te"), "trailers", "copy Te")
 	// Same X-Forwarded-For as the primary got from the reverse proxy.
 	equal(t, c.header.Get("X-Forwarded-For"), p.header.Get("X-Forwarded-For"), "copy X-Forwarded-For, against the primary's")
 	equal(t, c.header.Get("X-Forwarded-For"), "203.0.113.9, 127.0.0.1", "copy X-Forwarded-For")
@@ -1294,4 +1299,49 @@ func TestMatchHeadersLooksAtABoundedShare(t *testing.T) {
 	} {
 		equal(t, matchesAny(re, test.values), test.exp, test.desc)
 	}
+}
+
+// A caFile or compare.logFile that is not a regular file is refused at once: a FIFO would block
+// New (and every configuration build of Traefik), /dev/zero would be read without end.
+func TestOptionFilesMustBeRegular(t *testing.T) {
+	fifo := filepath.Join(t.TempDir(), "fifo")
+	noError(t, syscall.Mkfifo(fifo, 0o600))
+	for _, test := range []struct {
+		desc   string
+		change func(*Config)
+		expErr string
+	}{
+		{"caFile a FIFO", func(c *Config) { c.URL, c.CAFile = "https://mirror", fifo }, "not a regular file"},
+		{"caFile /dev/zero", func(c *Config) { c.URL, c.CAFile = "https://mirror", "/dev/zero" }, "not a regular file"},
+		{"compare.logFile a FIFO", func(c *Config) { c.Compare.Enabled, c.Compare.LogFile = true, fifo }, "not a regular file"},
+	} {
+		cfg := CreateConfig()
+		cfg.URL = "http://127.0.0.1:1"
+		test.change(cfg)
+		cfg.FailClosed = true
+		done := make(chan error, 1)
+		go func() {
+			_, err := New(context.Background(), http.NotFoundHandler(), cfg, testName(t))
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if err == nil {
+				t.Errorf("%s: got no error", test.desc)
+				continue
+			}
+			contains(t, err.Error(), test.expErr)
+		case <-time.After(waitLimit):
+			t.Fatalf("%s: New did not return within %s", test.desc, waitLimit)
+		}
+	}
+	big := filepath.Join(t.TempDir(), "big.pem")
+	noError(t, os.WriteFile(big, make([]byte, maxCAFile+1), 0o600))
+	cfg := CreateConfig()
+	cfg.URL, cfg.CAFile, cfg.FailClosed = "https://mirror", big, true
+	_, err := New(context.Background(), http.NotFoundHandler(), cfg, testName(t))
+	if err == nil {
+		t.Fatal("a caFile past maxCAFile: got no error")
+	}
+	contains(t, err.Error(), "larger than")
 }
