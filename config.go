@@ -141,9 +141,9 @@ func regularFile(path string) error {
 // maxRetries bounds retries: every attempt must fit in the one timeout anyway.
 const maxRetries = 10
 
-// minCopyRate and maxCopyRate bound maxRate so that the time between two copies, in nanoseconds, and a
-// second's burst fit in an int64 (0.000001 is also the least a YAML float keeps through
-// Traefik's file provider, which keeps 6 decimals).
+// minCopyRate and maxCopyRate bound maxRate so that the time between two copies, in
+// nanoseconds, and a second's burst fit in an int64 (0.000001 is also the least a YAML float
+// keeps through Traefik's file provider, which keeps 6 decimals).
 const (
 	minCopyRate = 0.000001
 	maxCopyRate = 1e9

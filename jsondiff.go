@@ -14,9 +14,9 @@ import (
 // code first, spacing aside; answers that still differ are walked one level at a time, each
 // level decoded into its members' raw texts (compiled, without recursion), to at most
 // maxJSONDepth levels, maxJSONNodes members and jsonScanFactor times the texts' bytes decoded
-// in all. Past any of these, a value is compared as written, spacing aside, and reported as one
-// difference told apart by digests. A text nested deeper than maxJSONNesting is not walked at
-// all. (Decoding a whole answer is no bound: 10,000 nested arrays cost ~15 ms to decode and ~70
+// in all. Past any of these, a value is compared whole (keys sorted, when it holds objects) and
+// reported as one difference told apart by digests. A text nested deeper than maxJSONNesting is
+// not walked at all: it is compared as written, spacing aside. (Decoding a whole answer is no bound: 10,000 nested arrays cost ~15 ms to decode and ~70
 // ms to encode again, compiled; the interpreted recursive walk cost 48 MB of stack.)
 const (
 	maxJSONDepth   = 32
@@ -34,14 +34,13 @@ func compareJSON(cmp *compareSettings, diffs []difference, p, q []byte) (_ []dif
 	if !utf8.Valid(p) || !utf8.Valid(q) || json.Compact(&a, p) != nil || json.Compact(&b, q) != nil {
 		return diffs, false
 	}
-	w := &jsonWalk{cmp: cmp, diffs: diffs, budget: maxJSONNodes, scan: jsonScanFactor * (a.Len() + b.Len())}
 	if bytes.Equal(a.Bytes(), b.Bytes()) {
 		return diffs, true
 	}
 	if !nestedWithin(a.Bytes()) || !nestedWithin(b.Bytes()) {
-		w.diffs = append(w.diffs, w.asWritten(nil, a.Bytes(), b.Bytes()))
-		return w.diffs, true
+		return append(diffs, asWritten(nil, a.Bytes(), b.Bytes())), true
 	}
+	w := &jsonWalk{cmp: cmp, diffs: diffs, budget: maxJSONNodes, scan: jsonScanFactor * (a.Len() + b.Len())}
 	w.value(nil, a.Bytes(), b.Bytes())
 	return w.diffs, true
 }
@@ -134,14 +133,14 @@ func (w *jsonWalk) room(path []string, n int, p, q []byte) bool {
 		return true
 	}
 	if !sameCanonical(p, q) { // the same but for key order, is the same: the walk found no more
-		w.diffs = append(w.diffs, w.asWritten(path, p, q))
+		w.diffs = append(w.diffs, asWritten(path, p, q))
 	}
 	return false
 }
 
 // asWritten is the one difference of two values compared whole, told apart by the digests of
 // their texts.
-func (w *jsonWalk) asWritten(path []string, p, q []byte) difference {
+func asWritten(path []string, p, q []byte) difference {
 	return difference{Kind: "json", Name: pathName(path), Primary: digest(p), Mirror: digest(q)}
 }
 

@@ -90,8 +90,8 @@ func misconfigured(st *state, next http.Handler, err error) http.Handler {
 }
 
 func (h *misconfiguredHandler) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
-	if next := h.st.nextConfigLine.Load(); time.Now().UnixNano() >= next {
-		repeatConfigError(h.st, next)
+	if due := h.st.nextConfigLine.Load(); time.Now().UnixNano() >= due {
+		repeatConfigError(h.st, due)
 	}
 	h.next.ServeHTTP(rw, req)
 }
@@ -196,17 +196,17 @@ func matchesAny(re *regexp.Regexp, values []string) bool {
 	return false
 }
 
-// serve copies a sampled request unless no copy can be sent now: the checks that a slow, hung
-// or down mirror makes common come first, and nothing else.
-//
-// The common copy (lean: decided in New; no body or a small one of known length; a plain path;
-// no Connection, loop or Expect header) takes the short path below, in as few interpreted
-// expressions and calls as it can be: under Yaegi each call allocates a value for every
-// expression of the called function, and each call into compiled code costs about as much as
-// eight expressions (BenchmarkYaegiConstructs). Every other request goes through serveOther.
+// serve copies a chosen request. The common copy (lean: decided in New; no body or a small one
+// of known length; a plain path; no Connection, loop or Expect header; the mirror not paused)
+// takes the short path below, in as few interpreted expressions and calls as it can be: under
+// Yaegi each call allocates a value for every expression of the called function, and each call
+// into compiled code costs about as much as eight expressions (BenchmarkYaegiConstructs). Every
+// other request goes through serveOther.
 func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
-	if !m.cfg.lean || uint64(req.ContentLength) > m.cfg.leanBody || req.URL.Path == "" || req.URL.Path[0] != '/' ||
-		req.Method == http.MethodConnect || req.Header["Connection"] != nil || req.Header[loopHeader] != nil || req.Header["Expect"] != nil || m.st.paused.Load() {
+	if !m.cfg.lean || uint64(req.ContentLength) > m.cfg.leanBody ||
+		req.URL.Path == "" || req.URL.Path[0] != '/' || req.Method == http.MethodConnect ||
+		req.Header["Connection"] != nil || req.Header[loopHeader] != nil || req.Header["Expect"] != nil ||
+		m.st.paused.Load() {
 		serveOther(m, rw, req)
 		return
 	}
