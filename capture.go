@@ -4,6 +4,7 @@ import (
 	"context"
 	"math/rand/v2"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -21,6 +22,7 @@ type capture struct {
 	// through an interpreted one (Go's proxy calls it several times per answer).
 	http.ResponseWriter
 	limit int64
+	url   *url.URL // the request's, as the primary got it (send replaces the copy's)
 
 	code    int
 	header  http.Header
@@ -41,11 +43,11 @@ type capture struct {
 // prepareCompare decides whether this copy is compared, before its goroutine starts, and says
 // whether it is.
 func prepareCompare(m *mirror, c *copyRequest) bool {
-	cmp := m.cfg.compare
+	cmp := m.compare
 	if cmp.share < 1 && rand.Float64() >= cmp.share {
 		return false
 	}
-	w := &capture{limit: cmp.maxBodySize}
+	w := &capture{limit: cmp.maxBodySize, url: c.req.URL}
 	w.answered, w.done = context.WithCancel(context.Background())
 	c.capture = w
 	return true

@@ -125,7 +125,7 @@ func compareAnswer(ctx context.Context, m *mirror, c *copyRequest, resp *http.Re
 	case c.askedGzip && mir.header["Content-Encoding"] != nil && w.header["Content-Encoding"] == nil:
 		meant(w, mir)
 	}
-	if !w.over && !mir.over && sameAnswer(m.cfg.compare, w, mir) {
+	if !w.over && !mir.over && sameAnswer(m.compare, w, mir) {
 		st.latencies(w.latency, mir.latency)
 		atomic.AddInt64(&st.results[matched], 1)
 		return
@@ -236,7 +236,7 @@ func judge(m *mirror, c *copyRequest, st *compareStats, mir *side) {
 	defer judging.Unlock()
 	w := c.capture
 	prim := side{code: w.code, header: w.header, body: w.body, over: w.over, latency: w.latency}
-	diffs, headersOnly := differences(m.cfg.compare, prim, *mir)
+	diffs, headersOnly := differences(m.compare, prim, *mir)
 	st.record(prim.latency, mir.latency, headersOnly, diffs)
 	if len(diffs) == 0 {
 		atomic.AddInt64(&st.results[matched], 1)

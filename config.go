@@ -278,8 +278,9 @@ func compile(c *Config) (settings, error) {
 	s.timed = s.metrics || s.compare != nil
 	s.choose = s.share < 1 || s.gate
 	// The short path copies what needs no option's work on the client's path: no rate to take
-	// from, no answer to capture, and a body read ahead within maxBodySize.
-	s.lean = s.mirrorBody && s.rateInterval == 0 && s.compare == nil
+	// from, no answer to capture, no retry, no loop header set by shaping (send then gives the
+	// copy this process's token alone), and a body read ahead within maxBodySize.
+	s.lean = s.mirrorBody && s.rateInterval == 0 && s.compare == nil && s.retries == 0 && s.setHeaders[loopHeader] == nil
 	s.leanBody = readAhead
 	if s.maxBodySize >= 0 && s.maxBodySize < readAhead {
 		s.leanBody = uint64(s.maxBodySize)

@@ -163,11 +163,13 @@ func newTransport() *http.Transport {
 // copyRequest is what the copy needs from the incoming request, and what became of it.
 type copyRequest struct {
 	// req is the request as the primary gets it, cloned when the copy starts (one compiled
-	// call): later middlewares may change the request in place. Its body is not read.
-	req      *http.Request
-	body     []byte        // nil: no body
-	timeout  time.Duration // from when the copy is sent
-	deadline time.Time     // a body copied as the primary read it: when its slot was taken
+	// call): later middlewares may change the request in place. Its body is not read. Its
+	// context carries the copy's deadline, from then; send makes it the copy itself.
+	req    *http.Request
+	cancel context.CancelFunc // the deadline's
+	body   []byte             // nil: no body
+
+	full bool // not from serve's short path: the copy's headers need all of send's work (see send)
 
 	tee     *teeBody // the body is copied as the primary reads it
 	capture *capture // the primary's answer, when this copy is compared
@@ -182,31 +184,131 @@ type copyRequest struct {
 
 // send runs in its own goroutine and owns one slot until settle gives it back. (A pool of
 // reused goroutines was measured slower under Yaegi: its select costs more than go.)
+//
+// It builds the copy as Traefik's proxy (net/http/httputil) builds the primary's request, sends
+// it and reads the answer. Under Yaegi a call allocates a value for every expression of the
+// called function, taken or not, and a call into compiled code costs about eight
+// (BenchmarkYaegiConstructs): so send holds what the common copy runs (serve's short path: no
+// Connection, TE or loop header, a body of known length, an answer below 500 not compared), in
+// one function, and every other copy (c.full) and answer goes through a helper of its own.
 func send(m *mirror, c *copyRequest) {
 	c.outcome = failed // what settle counts if anything below panics
 	defer settle(m, c)
 
-	// Detached from the client's request: only the mirror's own deadline cancels the copy.
-	ctx, cancel := context.WithTimeout(background, c.timeout)
-	out := newCopy(ctx, m, c)
-	if m.cfg.timed {
+	out := c.req
+	// The URL is the mirror's, parsed in New, with the request's path and query put in its
+	// fields: nothing from the request is ever parsed as a scheme, host or user info. The
+	// request line comes as the primary gets it: Traefik's entry point has already turned the
+	// query's semicolons into '&' (or %3B).
+	u := out.URL
+	out.URL = &url.URL{Scheme: m.scheme, Host: m.host, Path: u.Path, RawPath: u.RawPath, RawQuery: u.RawQuery}
+	if m.basePath != "" {
+		rebase(m, out.URL)
+	}
+	out.RequestURI = ""
+	out.Close = false
+	out.Trailer = nil
+	out.Body = nil
+	if c.body != nil {
+		out.Body = io.NopCloser(bytes.NewReader(c.body))
+	}
+
+	// Direct map operations with canonical keys: each function call costs under Yaegi.
+	h := out.Header
+	if c.full {
+		fullHeaders(c, out)
+	} else {
+		for _, name := range hopHeaders {
+			delete(h, name)
+		}
+	}
+	// Traefik's transport asks the primary for gzip when the client did not say; so does the copy.
+	if h["Accept-Encoding"] == nil && h["Range"] == nil && out.Method != "HEAD" {
+		h["Accept-Encoding"] = gzipOnly
+		c.askedGzip = true
+	}
+	if h["User-Agent"] == nil {
+		h["User-Agent"] = noUserAgent // keep Go's default User-Agent off the copy
+	}
+	// X-Forwarded-Host, -Proto, -Port and -Server are already there: Traefik's entry point sets
+	// them before any middleware runs. X-Forwarded-For is the proxy's, as the primary gets it.
+	if ip, _, err := net.SplitHostPort(out.RemoteAddr); err == nil {
+		if prior := h["X-Forwarded-For"]; prior != nil {
+			ip = forwardedFor(prior, ip)
+		}
+		h["X-Forwarded-For"] = []string{ip}
+	}
+	h[markerHeader] = m.marker
+	if m.shape {
+		shape(m, h, out)
+	} else {
+		out.Host = m.host
+	}
+	// After shaping: loop protection is not optional. A copy that is not full arrived without
+	// a loop header, and its shaping sets none (see lean).
+	if c.full {
+		h[loopHeader] = loopTokens(h[loopHeader])
+	} else {
+		h[loopHeader] = ownLoop
+	}
+
+	if m.timed {
 		c.began = time.Now()
 	}
 	resp, err := m.transport.RoundTrip(out)
-	if err != nil || resp.StatusCode >= 500 && m.cfg.retries > 0 {
-		resp, err = retry(ctx, m, c, out, resp, err)
-	}
-	switch {
-	case err != nil:
-	case resp.StatusCode < 200 || resp.StatusCode >= 500 || c.capture != nil:
-		err = answered(ctx, m, c, resp)
-	default: // the common answer, inline: a call costs under Yaegi
+	if err == nil && uint(resp.StatusCode-200) < 300 && c.capture == nil {
 		_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
 		_ = resp.Body.Close()
 		c.code = resp.StatusCode // counted in settle
 		c.outcome = sent
+	} else {
+		ended(m, c, out, resp, err)
 	}
-	cancel()
+	c.cancel()
+}
+
+// rebase puts the mirror's own path before the request's.
+func rebase(m *mirror, u *url.URL) {
+	escaped := u.EscapedPath()
+	u.Path = m.basePath + u.Path
+	u.RawPath = m.baseRawPath + escaped
+}
+
+// fullHeaders does for a copy that serve's short path did not take what that path needs not:
+// the body's length as the copy sends it, the headers that Connection names removed, TE kept
+// (as trailers alone) when it holds trailers, as Go's proxy keeps it for the primary; and what
+// both need: the hop-by-hop headers removed.
+func fullHeaders(c *copyRequest, out *http.Request) {
+	out.TransferEncoding = nil
+	out.ContentLength = int64(len(c.body))
+	h := out.Header
+	if h["Connection"] != nil {
+		removeConnectionHeaders(h)
+	}
+	te := h["Te"] != nil && teTrailers(h)
+	for _, name := range hopHeaders {
+		delete(h, name)
+	}
+	if te {
+		h["Te"] = trailersOnly
+	}
+}
+
+// forwardedFor appends the client's address to the X-Forwarded-For it arrived with.
+func forwardedFor(prior []string, ip string) string {
+	return strings.Join(prior, ", ") + ", " + ip
+}
+
+// ended handles every answer but the common one: a connection error or an answer of 500 or more
+// (retried when retries allow), a 1xx, a compared answer.
+func ended(m *mirror, c *copyRequest, out *http.Request, resp *http.Response, err error) {
+	ctx := out.Context()
+	if err != nil || resp.StatusCode >= 500 && m.retries > 0 {
+		resp, err = retry(ctx, m, c, out, resp, err)
+	}
+	if err == nil {
+		err = answered(ctx, m, c, resp)
+	}
 	if err != nil {
 		fail(m, c, err)
 	}
@@ -218,7 +320,7 @@ func answered(ctx context.Context, m *mirror, c *copyRequest, resp *http.Respons
 	if resp.StatusCode < 200 {
 		// A final 1xx (101 Switching Protocols): Go's client hands back the connection as the
 		// body, which the copy's deadline no longer bounds. A copy is never upgraded.
-		if m.cfg.metrics {
+		if m.metrics {
 			atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
 		}
 		_ = resp.Body.Close()
@@ -249,11 +351,11 @@ func retry(ctx context.Context, m *mirror, c *copyRequest, out *http.Request, re
 		}
 		// 25 ms, 50 ms, 100 ms, ... each between half and one and a half of that.
 		backoff := time.Duration(float64(25*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
-		if deadline, _ := ctx.Deadline(); attempt == m.cfg.retries || ctx.Err() != nil || time.Until(deadline) < backoff {
+		if deadline, _ := ctx.Deadline(); attempt == m.retries || ctx.Err() != nil || time.Until(deadline) < backoff {
 			return resp, err
 		}
 		if err == nil { // this answer is not the last: count it and let it go (answered counts the last)
-			if m.cfg.metrics {
+			if m.metrics {
 				atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
 			}
 			_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
@@ -275,7 +377,7 @@ func retry(ctx context.Context, m *mirror, c *copyRequest, out *http.Request, re
 // or unresolvable mirror (net.OpError "dial ..."), copies pause instead of trying every request.
 // (errors.As cannot be used under Yaegi.)
 func fail(m *mirror, c *copyRequest, err error) {
-	c.err = fmt.Errorf("%s: %w", m.cfg.base, err)
+	c.err = fmt.Errorf("%s: %w", m.base, err)
 	if strings.HasPrefix(err.Error(), "dial ") && m.st.paused.CompareAndSwap(false, true) {
 		st := m.st
 		time.AfterFunc(dialPause, func() { st.paused.Store(false) })
@@ -291,7 +393,7 @@ func settle(m *mirror, c *copyRequest) {
 	}
 	st := m.st
 	atomic.AddInt64(&st.inflight, -1)
-	if m.cfg.metrics {
+	if m.metrics {
 		measured(st, c)
 	}
 	if c.err != nil {
@@ -325,82 +427,17 @@ func measured(st *state, c *copyRequest) {
 	atomic.AddInt64(&st.durationSum, d)
 }
 
-// newCopy builds the copy as Traefik's proxy (net/http/httputil) builds the primary's request.
-// The request line comes as the primary gets it: Traefik's entry point has already turned the
-// query's semicolons into '&' (or %3B).
-func newCopy(ctx context.Context, m *mirror, c *copyRequest) *http.Request {
-	in := c.req
-	out := in.WithContext(ctx) // a shallow copy: in.URL is not changed
-	// The URL is the mirror's, parsed in New, with the request's path and query put in its
-	// fields: nothing from the request is ever parsed as a scheme, host or user info.
-	out.URL = &url.URL{Scheme: m.cfg.scheme, Host: m.cfg.host, Path: in.URL.Path, RawPath: in.URL.RawPath, RawQuery: in.URL.RawQuery}
-	if m.cfg.basePath != "" {
-		out.URL.Path = m.cfg.basePath + in.URL.Path
-		out.URL.RawPath = m.cfg.baseRawPath + in.URL.EscapedPath()
-	}
-	out.RequestURI = ""
-	out.Close = false
-	out.TransferEncoding = nil
-	out.Trailer = nil
-	out.ContentLength = int64(len(c.body))
-	out.Body = nil
-	if c.body != nil {
-		out.Body = io.NopCloser(bytes.NewReader(c.body))
-	}
-
-	// Direct map operations with canonical keys: each function call costs under Yaegi, and
-	// most requests carry none of these.
-	h := out.Header
-	if h["Connection"] != nil {
-		removeConnectionHeaders(h)
-	}
-	te := h["Te"] != nil && teTrailers(h)
-	for _, name := range hopHeaders {
+// shape applies removeHeaders, then setHeaders, then preserveHost: the copy goes to the mirror's
+// host, or keeps the request's.
+func shape(m *mirror, h http.Header, out *http.Request) {
+	for _, name := range m.removeHeaders {
 		delete(h, name)
 	}
-	if te {
-		h["Te"] = trailersOnly // as Go's proxy keeps it for the primary
-	}
-	// Traefik's transport asks the primary for gzip when the client did not say; so does the copy.
-	if h["Accept-Encoding"] == nil && h["Range"] == nil && in.Method != http.MethodHead {
-		h["Accept-Encoding"] = gzipOnly
-		c.askedGzip = true
-	}
-	if h["User-Agent"] == nil {
-		h["User-Agent"] = noUserAgent // keep Go's default User-Agent off the copy
-	}
-	// X-Forwarded-Host, -Proto, -Port and -Server are already there: Traefik's entry point sets
-	// them before any middleware runs. X-Forwarded-For is the proxy's, as the primary gets it.
-	if ip, _, err := net.SplitHostPort(in.RemoteAddr); err == nil {
-		if prior := h["X-Forwarded-For"]; prior != nil {
-			ip = strings.Join(prior, ", ") + ", " + ip
-		}
-		h["X-Forwarded-For"] = []string{ip}
-	}
-	h[markerHeader] = m.marker
-	out.Host = m.cfg.host
-	if m.cfg.shape {
-		shape(m, c, h, out)
-	}
-	// After shaping: loop protection is not optional. (The common case inline: a call costs.)
-	if v := h[loopHeader]; v != nil {
-		h[loopHeader] = loopTokens(v)
-	} else {
-		h[loopHeader] = ownLoop
-	}
-	return out
-}
-
-// shape applies removeHeaders, then setHeaders, then preserveHost.
-func shape(m *mirror, c *copyRequest, h http.Header, out *http.Request) {
-	for _, name := range m.cfg.removeHeaders {
-		delete(h, name)
-	}
-	for name, values := range m.cfg.setHeaders {
+	for name, values := range m.setHeaders {
 		h[name] = values // shared, never modified in place
 	}
-	if m.cfg.preserveHost {
-		out.Host = c.req.Host
+	if !m.preserveHost {
+		out.Host = m.host
 	}
 }
 

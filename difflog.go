@@ -31,9 +31,9 @@ type diffLine struct {
 }
 
 func writeDifference(m *mirror, c *copyRequest, prim, mir side, diffs []difference) {
-	target := c.req.URL.EscapedPath()
-	if c.req.URL.RawQuery != "" {
-		target += "?" + c.req.URL.RawQuery
+	target := c.capture.url.EscapedPath()
+	if c.capture.url.RawQuery != "" {
+		target += "?" + c.capture.url.RawQuery
 	}
 	line := diffLine{
 		Time: time.Now().UTC().Format(time.RFC3339Nano), Middleware: m.st.name, Method: c.req.Method, Path: target,
@@ -46,7 +46,7 @@ func writeDifference(m *mirror, c *copyRequest, prim, mir side, diffs []differen
 	if err != nil {
 		return
 	}
-	if l := m.cfg.compare.log; l != nil && l.write(b) {
+	if l := m.compare.log; l != nil && l.write(b) {
 		return
 	}
 	m.st.error("mirror " + m.st.name + ": difference " + string(b))

@@ -27,8 +27,10 @@ const markerHeader = "X-Mirrored-By"
 type mirror struct {
 	next   http.Handler
 	marker []string // the value of markerHeader: the middleware's name
-	cfg    settings
-	st     *state // shared by every instance of this middleware name
+	// The options, compiled in New. Embedded: under Yaegi each selector in a function is a value
+	// made on every call, and m.cfg.x would be two, the first a copy of all of settings.
+	settings
+	st *state // shared by every instance of this middleware name
 
 	transport http.RoundTripper // shared by every instance with the same TLS settings
 }
@@ -58,7 +60,7 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 		debugLine("mirror " + name + ": percent=0, mirroring is off")
 		return next, nil
 	}
-	m := &mirror{next: next, marker: []string{name}, cfg: cfg, st: st}
+	m := &mirror{next: next, marker: []string{name}, settings: cfg, st: st}
 	m.transport = transportFor(cfg)
 	if cfg.compare != nil {
 		enableCompare(st)
@@ -115,7 +117,7 @@ func repeatConfigError(st *state, due int64) {
 // plain functions, each holding what its path needs; only the methods that compiled code calls
 // are methods.
 func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
-	if m.cfg.choose {
+	if m.choose {
 		choose(m, rw, req)
 		return
 	}
@@ -124,12 +126,12 @@ func (m *mirror) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 
 // choose applies percent, sampleBy and the filters, which only some middlewares have.
 func choose(m *mirror, rw http.ResponseWriter, req *http.Request) {
-	if m.cfg.share < 1 && rand.Float64() >= m.cfg.share {
+	if m.share < 1 && rand.Float64() >= m.share {
 		atomic.AddInt64(&m.st.counts[sampledOut], 1)
 		m.next.ServeHTTP(rw, req)
 		return
 	}
-	if m.cfg.gate {
+	if m.gate {
 		gate(m, rw, req)
 		return
 	}
@@ -142,11 +144,11 @@ func choose(m *mirror, rw http.ResponseWriter, req *http.Request) {
 // Yaegi v0.16.1 misreads "case a, b:" in a switch without a tag.)
 func gate(m *mirror, rw http.ResponseWriter, req *http.Request) {
 	switch {
-	case m.cfg.byShare < 1 && !sampledBy(m, req):
+	case m.byShare < 1 && !sampledBy(m, req):
 		atomic.AddInt64(&m.st.counts[sampledOut], 1)
-	case m.cfg.methods != nil && !m.cfg.methods[req.Method] ||
-		m.cfg.pathRegex != nil && (len(req.URL.Path) > maxMatched || !m.cfg.pathRegex.MatchString(req.URL.Path)) ||
-		m.cfg.matchHeaders != nil && !matchHeaders(m, req):
+	case m.methods != nil && !m.methods[req.Method] ||
+		m.pathRegex != nil && (len(req.URL.Path) > maxMatched || !m.pathRegex.MatchString(req.URL.Path)) ||
+		m.matchHeaders != nil && !matchHeaders(m, req):
 		atomic.AddInt64(&m.st.counts[filtered], 1)
 	default:
 		serve(m, rw, req)
@@ -159,12 +161,12 @@ func gate(m *mirror, rw http.ResponseWriter, req *http.Request) {
 // the request is in the sample when the first 8 bytes of the value's SHA-256, as a big-endian
 // fraction of 2^64, are below percent/100. Without the header, the draw is random.
 func sampledBy(m *mirror, req *http.Request) bool {
-	v := req.Header[m.cfg.sampleBy]
+	v := req.Header[m.sampleBy]
 	if v == nil {
-		return rand.Float64() < m.cfg.byShare
+		return rand.Float64() < m.byShare
 	}
 	sum := sha256.Sum256([]byte(v[0]))
-	return float64(binary.BigEndian.Uint64(sum[:8])) < m.cfg.byShare*(1<<64)
+	return float64(binary.BigEndian.Uint64(sum[:8])) < m.byShare*(1<<64)
 }
 
 // maxMatched is the most of a path, or of one header's values in all, that pathRegex and
@@ -175,7 +177,7 @@ const maxMatched = 8 << 10
 
 // matchHeaders says whether every matchHeaders header has a value that matches.
 func matchHeaders(m *mirror, req *http.Request) bool {
-	for _, hm := range m.cfg.matchHeaders {
+	for _, hm := range m.matchHeaders {
 		if !matchesAny(hm.re, req.Header[hm.name]) {
 			return false
 		}
@@ -203,10 +205,9 @@ func matchesAny(re *regexp.Regexp, values []string) bool {
 // into compiled code costs about as much as eight expressions (BenchmarkYaegiConstructs). Every
 // other request goes through serveOther.
 func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
-	if !m.cfg.lean || uint64(req.ContentLength) > m.cfg.leanBody ||
-		req.URL.Path == "" || req.URL.Path[0] != '/' || req.Method == http.MethodConnect ||
-		req.Header["Connection"] != nil || req.Header[loopHeader] != nil || req.Header["Expect"] != nil ||
-		m.st.paused.Load() {
+	h, p := req.Header, req.URL.Path
+	if !m.lean || uint64(req.ContentLength) > m.leanBody || p == "" || p[0] != '/' || req.Method == "CONNECT" ||
+		h["Connection"] != nil || h["Te"] != nil || h[loopHeader] != nil || h["Expect"] != nil || m.st.paused.Load() {
 		serveOther(m, rw, req)
 		return
 	}
@@ -220,10 +221,12 @@ func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
 		}
 		req.Body = io.NopCloser(bytes.NewReader(body))
 	}
-	if atomic.AddInt64(&m.st.inflight, 1) > m.cfg.maxInflight {
+	if atomic.AddInt64(&m.st.inflight, 1) > m.maxInflight {
 		noSlot(m)
 	} else {
-		go send(m, &copyRequest{req: req.Clone(background), body: body, timeout: m.cfg.timeout})
+		// Detached from the client's request: only the mirror's own deadline cancels the copy.
+		ctx, cancel := context.WithTimeout(background, m.timeout)
+		go send(m, &copyRequest{req: req.Clone(ctx), cancel: cancel, body: body})
 	}
 	m.next.ServeHTTP(rw, req)
 }
@@ -263,24 +266,26 @@ func follow(m *mirror, rw http.ResponseWriter, req *http.Request, c *copyRequest
 // sends the copy, and returns it if the primary must be followed (see follow). The checks that
 // rarely say no are made again, one by one, in refused: a call costs under Yaegi.
 func start(m *mirror, req *http.Request) *copyRequest {
-	withBody := m.cfg.mirrorBody && req.ContentLength != 0 && req.Body != nil && req.Body != http.NoBody
+	withBody := m.mirrorBody && req.ContentLength != 0 && req.Body != nil && req.Body != http.NoBody
 	// Map indexing, not Header.Get: the server canonicalizes keys, and a call costs more.
 	if req.URL.Path == "" || req.URL.Path[0] != '/' || req.Method == http.MethodConnect ||
-		req.Header["Connection"] != nil || req.Header[loopHeader] != nil || m.cfg.rateInterval > 0 ||
-		withBody && m.cfg.maxBodySize >= 0 && req.ContentLength > m.cfg.maxBodySize {
+		req.Header["Connection"] != nil || req.Header[loopHeader] != nil || m.rateInterval > 0 ||
+		withBody && m.maxBodySize >= 0 && req.ContentLength > m.maxBodySize {
 		if refused(m, req, withBody) {
 			return nil
 		}
 	}
-	c := &copyRequest{req: req.Clone(background), timeout: m.cfg.timeout}
+	ctx, cancel := context.WithTimeout(background, m.timeout)
+	c := &copyRequest{req: req.Clone(ctx), cancel: cancel, full: true}
 	if withBody && (req.ContentLength < 0 || req.ContentLength > readAhead || req.Header["Expect"] != nil) {
 		return tee(m, req, c)
 	}
 	// Read before a slot is taken: a client that drips its body holds no slot meanwhile.
 	if withBody && !readBody(m, req, c) || !acquire(m) {
+		cancel()
 		return nil
 	}
-	if m.cfg.compare != nil && prepareCompare(m, c) {
+	if m.compare != nil && prepareCompare(m, c) {
 		go send(m, c)
 		return c
 	}
@@ -297,9 +302,9 @@ func refused(m *mirror, req *http.Request, withBody bool) bool {
 	case req.URL.Path == "" || req.URL.Path[0] != '/' || req.Method == http.MethodConnect ||
 		(req.Header["Connection"] != nil || req.Header[loopHeader] != nil) && excluded(req.Header):
 		atomic.AddInt64(&m.st.counts[skipped], 1)
-	case withBody && m.cfg.maxBodySize >= 0 && req.ContentLength > m.cfg.maxBodySize:
+	case withBody && m.maxBodySize >= 0 && req.ContentLength > m.maxBodySize:
 		count(m.st, tooLarge, nil)
-	case m.cfg.rateInterval > 0 && !allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance):
+	case m.rateInterval > 0 && !allow(m.st, m.rateInterval, m.rateTolerance):
 		count(m.st, rateLimited, nil)
 	default:
 		return false
@@ -309,7 +314,7 @@ func refused(m *mirror, req *http.Request, withBody bool) bool {
 
 // acquire takes a slot, owned by the copy from then on, unless every one is taken.
 func acquire(m *mirror) bool {
-	if atomic.AddInt64(&m.st.inflight, 1) > m.cfg.maxInflight {
+	if atomic.AddInt64(&m.st.inflight, 1) > m.maxInflight {
 		noSlot(m)
 		return false
 	}

@@ -76,7 +76,7 @@ func BenchmarkServeHTTP(b *testing.B) {
 			var held int // no copy leaves: every slot held, or the mirror paused
 			switch bc.name {
 			case "POST_1KiB_dropped":
-				held = int(m.cfg.maxInflight)
+				held = int(m.maxInflight)
 				atomic.AddInt64(&m.st.inflight, int64(held))
 			case "POST_1KiB_paused":
 				m.st.paused.Store(true)

@@ -431,14 +431,14 @@ func TestRateChangeAppliesAtOnce(t *testing.T) {
 		return h.(*mirror)
 	}
 	m := build(0.001)
-	equal(t, allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance), true, "the first copy at 0.001/s")
-	equal(t, allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance), false, "the second copy at 0.001/s")
+	equal(t, allow(m.st, m.rateInterval, m.rateTolerance), true, "the first copy at 0.001/s")
+	equal(t, allow(m.st, m.rateInterval, m.rateTolerance), false, "the second copy at 0.001/s")
 	m = build(0.001) // another router, or a reload with the same rate: the budget is kept
-	equal(t, allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance), false, "a copy after a rebuild at the same rate")
+	equal(t, allow(m.st, m.rateInterval, m.rateTolerance), false, "a copy after a rebuild at the same rate")
 	m = build(1000)
 	allowed := 0
 	for i := 0; i < 2000; i++ {
-		if allow(m.st, m.cfg.rateInterval, m.cfg.rateTolerance) {
+		if allow(m.st, m.rateInterval, m.rateTolerance) {
 			allowed++
 		}
 	}

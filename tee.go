@@ -8,20 +8,20 @@ import (
 	"time"
 )
 
-// tee copies a body as the primary reads it, once it has a slot. The copy's deadline starts
-// now: a body that is not complete by then is abandoned, so that no client holds a slot longer
-// than timeout.
+// tee copies a body as the primary reads it, once it has a slot. The copy's deadline started
+// with it: a body that is not complete by then is abandoned, so that no client holds a slot
+// longer than timeout.
 func tee(m *mirror, req *http.Request, c *copyRequest) *copyRequest {
 	if !acquire(m) {
+		c.cancel()
 		return nil
 	}
-	if m.cfg.compare != nil {
+	if m.compare != nil {
 		prepareCompare(m, c)
 	}
 	t := &teeBody{body: req.Body, m: m, c: c}
-	c.deadline = time.Now().Add(m.cfg.timeout)
 	t.mu.Lock()
-	t.timer = time.AfterFunc(m.cfg.timeout, t.expire)
+	t.timer = time.AfterFunc(m.timeout, t.expire)
 	t.mu.Unlock()
 	c.tee = t
 	req.Body = t
@@ -57,7 +57,7 @@ func (t *teeBody) observe(b []byte, err error) {
 	if t.done {
 		return
 	}
-	if limit := t.m.cfg.maxBodySize; limit >= 0 && int64(len(t.c.body)+len(b)) > limit {
+	if limit := t.m.maxBodySize; limit >= 0 && int64(len(t.c.body)+len(b)) > limit {
 		t.finish(tooLarge)
 		return
 	}
@@ -66,7 +66,6 @@ func (t *teeBody) observe(b []byte, err error) {
 	case err == io.EOF:
 		t.done = true
 		t.timer.Stop()
-		t.c.timeout = time.Until(t.c.deadline)
 		go send(t.m, t.c)
 	case err != nil:
 		t.finish(skipped)
@@ -92,6 +91,7 @@ func (t *teeBody) finish(o outcome) {
 	t.done = true
 	t.timer.Stop()
 	t.c.body = nil
+	t.c.cancel()
 	atomic.AddInt64(&t.m.st.inflight, -1)
 	count(t.m.st, o, nil)
 }
