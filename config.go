@@ -161,8 +161,9 @@ type settings struct {
 	byShare     float64 // percent / 100 by sampleBy's hash (1 without sampleBy)
 	gate        bool    // sampleBy or a filter decides before serve
 	choose      bool    // percent below 100, sampleBy or a filter: ServeHTTP calls choose
-	lean        bool    // the common copy may take serve's short path (see serve)
-	leanBody    uint64  // the largest body the short path reads ahead
+	// leanUnder is one more than the largest body the short path reads ahead (see serve), or 0
+	// when the short path is not taken at all: one comparison decides both.
+	leanUnder   uint64
 	mirrorBody  bool
 	maxBodySize int64 // -1: no limit
 	timeout     time.Duration
@@ -189,7 +190,6 @@ type settings struct {
 
 	metricsAddress string
 	metrics        bool // metricsAddress is set: the copies' durations, answers and bytes are counted
-	timed          bool // metrics or compare: the copy's duration is measured
 
 	compare *compareSettings // nil: off
 }
@@ -234,6 +234,9 @@ func compile(c *Config) (settings, error) {
 		return s, fmt.Errorf("mirror: invalid maxInflight %d: must be at least 1", c.MaxInflight)
 	}
 	s.maxInflight = int64(c.MaxInflight)
+	if s.maxInflight > maxSlots { // far beyond what a process can hold
+		s.maxInflight = maxSlots
+	}
 
 	if err := compileFilters(&s, c); err != nil {
 		return s, err
@@ -275,15 +278,14 @@ func compile(c *Config) (settings, error) {
 
 	s.compare, err = compileCompare(&c.Compare)
 	s.metrics = s.metricsAddress != ""
-	s.timed = s.metrics || s.compare != nil
 	s.choose = s.share < 1 || s.gate
 	// The short path copies what needs no option's work on the client's path: no rate to take
-	// from, no answer to capture, no retry, no loop header set by shaping (send then gives the
-	// copy this process's token alone), and a body read ahead within maxBodySize.
-	s.lean = s.mirrorBody && s.rateInterval == 0 && s.compare == nil && s.retries == 0 && s.setHeaders[loopHeader] == nil
-	s.leanBody = readAhead
-	if s.maxBodySize >= 0 && s.maxBodySize < readAhead {
-		s.leanBody = uint64(s.maxBodySize)
+	// from, no answer to capture, no retry, and a body read ahead within maxBodySize.
+	if s.mirrorBody && s.rateInterval == 0 && s.compare == nil && s.retries == 0 {
+		s.leanUnder = readAhead + 1
+		if s.maxBodySize >= 0 && s.maxBodySize < readAhead {
+			s.leanUnder = uint64(s.maxBodySize) + 1
+		}
 	}
 	return s, err
 }
@@ -402,7 +404,9 @@ func compileShape(s *settings, c *Config) error {
 		if !validHeaderName(name) {
 			return fmt.Errorf("mirror: invalid removeHeaders %q: %q is not a header name", strings.Join(c.RemoveHeaders, ","), name)
 		}
-		s.removeHeaders = append(s.removeHeaders, http.CanonicalHeaderKey(name))
+		if name = http.CanonicalHeaderKey(name); name != loopHeader { // loop protection is not optional
+			s.removeHeaders = append(s.removeHeaders, name)
+		}
 	}
 	s.preserveHost = c.PreserveHost
 	s.shape = s.setHeaders != nil || s.removeHeaders != nil || s.preserveHost

@@ -221,6 +221,7 @@ func send(m *mirror, c *copyRequest) {
 		for _, name := range hopHeaders {
 			delete(h, name)
 		}
+		h[loopHeader] = ownLoop // it arrived without one
 	}
 	// Traefik's transport asks the primary for gzip when the client did not say; so does the copy.
 	if h["Accept-Encoding"] == nil && h["Range"] == nil && out.Method != "HEAD" {
@@ -244,17 +245,6 @@ func send(m *mirror, c *copyRequest) {
 	} else {
 		out.Host = m.host
 	}
-	// After shaping: loop protection is not optional. A copy that is not full arrived without
-	// a loop header, and its shaping sets none (see lean).
-	if c.full {
-		h[loopHeader] = loopTokens(h[loopHeader])
-	} else {
-		h[loopHeader] = ownLoop
-	}
-
-	if m.timed {
-		c.began = time.Now()
-	}
 	resp, err := m.transport.RoundTrip(out)
 	if err == nil && uint(resp.StatusCode-200) < 300 && c.capture == nil {
 		_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
@@ -276,9 +266,11 @@ func rebase(m *mirror, u *url.URL) {
 
 // fullHeaders does for a copy that serve's short path did not take what that path needs not:
 // the body's length as the copy sends it, the headers that Connection names removed, TE kept
-// (as trailers alone) when it holds trailers, as Go's proxy keeps it for the primary; and what
-// both need: the hop-by-hop headers removed.
+// (as trailers alone) when it holds trailers, as Go's proxy keeps it for the primary, the loop
+// tokens it arrived with kept, and the time it is sent (for the comparison's latency and the
+// metrics); and what both need: the hop-by-hop headers removed, this process's loop token.
 func fullHeaders(c *copyRequest, out *http.Request) {
+	c.began = time.Now()
 	out.TransferEncoding = nil
 	out.ContentLength = int64(len(c.body))
 	h := out.Header
@@ -292,6 +284,7 @@ func fullHeaders(c *copyRequest, out *http.Request) {
 	if te {
 		h["Te"] = trailersOnly
 	}
+	h[loopHeader] = loopTokens(h[loopHeader])
 }
 
 // forwardedFor appends the client's address to the X-Forwarded-For it arrived with.
@@ -321,7 +314,7 @@ func answered(ctx context.Context, m *mirror, c *copyRequest, resp *http.Respons
 		// A final 1xx (101 Switching Protocols): Go's client hands back the connection as the
 		// body, which the copy's deadline no longer bounds. A copy is never upgraded.
 		if m.metrics {
-			atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
+			countCode(m.st, resp.StatusCode)
 		}
 		_ = resp.Body.Close()
 		return fmt.Errorf("mirror answered %s to a copy, which is never upgraded", resp.Status)
@@ -356,7 +349,7 @@ func retry(ctx context.Context, m *mirror, c *copyRequest, out *http.Request, re
 		}
 		if err == nil { // this answer is not the last: count it and let it go (answered counts the last)
 			if m.metrics {
-				atomic.AddInt64(&m.st.codes[resp.StatusCode], 1)
+				countCode(m.st, resp.StatusCode)
 			}
 			_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
 			_ = resp.Body.Close()
@@ -379,30 +372,30 @@ func retry(ctx context.Context, m *mirror, c *copyRequest, out *http.Request, re
 func fail(m *mirror, c *copyRequest, err error) {
 	c.err = fmt.Errorf("%s: %w", m.base, err)
 	if strings.HasPrefix(err.Error(), "dial ") && m.st.paused.CompareAndSwap(false, true) {
+		pause(m.st, true)
 		st := m.st
-		time.AfterFunc(dialPause, func() { st.paused.Store(false) })
+		time.AfterFunc(dialPause, func() { pause(st, false) })
 	}
 }
 
 // settle is deferred by send: a panic in a goroutine the plugin started would kill Traefik. It
-// gives the slot back, and counts the copy and how long it took.
+// gives the slot back, and counts the copy (and, with metrics, how long it took).
 func settle(m *mirror, c *copyRequest) {
 	if r := recover(); r != nil {
 		c.outcome = failed
 		c.err = panicked(r) // not in a tuple assignment: see serveCompared
 	}
-	st := m.st
-	atomic.AddInt64(&st.inflight, -1)
+	atomic.AddInt64(&m.st.inflight, -1)
 	if m.metrics {
-		measured(st, c)
+		measured(m, c)
 	}
 	if c.err != nil {
-		count(st, c.outcome, c.err)
+		count(m.st, c.outcome, c.err)
 		return
 	}
-	atomic.AddInt64(&st.counts[c.outcome], 1) // count's common case, inline
-	if !st.pending.Load() {
-		schedule(st)
+	atomic.AddInt64(&m.st.counts[c.outcome], 1) // count's common case, inline
+	if !m.st.pending.Load() {
+		schedule(m.st)
 	}
 }
 
@@ -411,20 +404,26 @@ func panicked(r any) error { return fmt.Errorf("panic: %v", r) }
 // measured counts, for the metrics, a copy's duration in the histogram and, if the mirror
 // answered it, the answer's status and the body bytes sent. (Only with metricsAddress: an option
 // that is not configured costs nothing per copy.)
-func measured(st *state, c *copyRequest) {
-	if c.code != 0 {
-		atomic.AddInt64(&st.codes[c.code], 1) // Go's client reads three digits only
-		if c.body != nil {
-			atomic.AddInt64(&st.copiedBytes, int64(len(c.body)))
-		}
+func measured(m *mirror, c *copyRequest) {
+	began := c.began // a copy of the short path: from when it was cloned, its deadline set
+	if began.IsZero() {
+		deadline, _ := c.req.Context().Deadline()
+		began = deadline.Add(-m.timeout)
 	}
-	d := int64(time.Since(c.began))
+	d := int64(time.Since(began))
 	b := 0 // the bucket: a loop of comparisons allocates nothing, a call into compiled code does
 	for b < len(durationBounds) && d > durationBounds[b] {
 		b++
 	}
-	atomic.AddInt64(&st.durations[b], 1)
-	atomic.AddInt64(&st.durationSum, d)
+	st := m.st
+	st.measures.Lock()
+	if c.code != 0 {
+		st.codes[c.code]++ // Go's client reads three digits only
+		st.copiedBytes += int64(len(c.body))
+	}
+	st.durations[b]++
+	st.durationSum += d
+	st.measures.Unlock()
 }
 
 // shape applies removeHeaders, then setHeaders, then preserveHost: the copy goes to the mirror's
@@ -435,6 +434,9 @@ func shape(m *mirror, h http.Header, out *http.Request) {
 	}
 	for name, values := range m.setHeaders {
 		h[name] = values // shared, never modified in place
+	}
+	if v := m.setHeaders[loopHeader]; v != nil { // loop protection is not optional
+		h[loopHeader] = loopTokens(v)
 	}
 	if !m.preserveHost {
 		out.Host = m.host

@@ -98,8 +98,10 @@ var labelValue = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
 // writeMetrics writes the families of the given middlewares in the Prometheus text format.
 func writeMetrics(w *bufio.Writer, all []*state) {
 	mw := make([]string, len(all))
+	ms := make([]measure, len(all)) // each middleware's, taken at once: its count and sum agree
 	for i, st := range all {
 		mw[i] = `middleware="` + labelValue.Replace(st.name) + `"`
+		ms[i] = st.measured()
 	}
 	family(w, "traefik_mirror_requests_total", "counter", "Requests seen by the mirroring middleware, by what became of their copy.")
 	for i, st := range all {
@@ -108,33 +110,33 @@ func writeMetrics(w *bufio.Writer, all []*state) {
 		}
 	}
 	family(w, "traefik_mirror_copy_duration_seconds", "histogram", "Time from sending a copy to the end of the mirror's answer or the failure.")
-	for i, st := range all {
+	for i := range all {
 		var cumulative int64
 		for b, bound := range durationBuckets {
-			cumulative += atomic.LoadInt64(&st.durations[b])
+			cumulative += ms[i].durations[b]
 			sample(w, "traefik_mirror_copy_duration_seconds_bucket", mw[i]+`,le="`+strconv.FormatFloat(bound, 'g', -1, 64)+`"`, cumulative)
 		}
-		cumulative += atomic.LoadInt64(&st.durations[len(durationBuckets)])
+		cumulative += ms[i].durations[len(durationBuckets)]
 		sample(w, "traefik_mirror_copy_duration_seconds_bucket", mw[i]+`,le="+Inf"`, cumulative)
-		sum := float64(atomic.LoadInt64(&st.durationSum)) / float64(time.Second)
+		sum := float64(ms[i].durationSum) / float64(time.Second)
 		_, _ = w.WriteString("traefik_mirror_copy_duration_seconds_sum{" + mw[i] + "} " + strconv.FormatFloat(sum, 'g', -1, 64) + "\n")
 		sample(w, "traefik_mirror_copy_duration_seconds_count", mw[i], cumulative)
 	}
 	family(w, "traefik_mirror_responses_total", "counter", "Answers of the mirror, by status code.")
-	for i, st := range all {
+	for i := range all {
 		for code := 0; code < maxCode; code++ {
-			if n := atomic.LoadInt64(&st.codes[code]); n > 0 {
+			if n := ms[i].codes[code]; n > 0 {
 				sample(w, "traefik_mirror_responses_total", mw[i]+`,code="`+strconv.Itoa(code)+`"`, n)
 			}
 		}
 	}
 	family(w, "traefik_mirror_inflight", "gauge", "Copies in flight now.")
 	for i, st := range all {
-		sample(w, "traefik_mirror_inflight", mw[i], atomic.LoadInt64(&st.inflight))
+		sample(w, "traefik_mirror_inflight", mw[i], holding(st))
 	}
 	family(w, "traefik_mirror_copied_bytes_total", "counter", "Body bytes sent to the mirror.")
-	for i, st := range all {
-		sample(w, "traefik_mirror_copied_bytes_total", mw[i], atomic.LoadInt64(&st.copiedBytes))
+	for i := range all {
+		sample(w, "traefik_mirror_copied_bytes_total", mw[i], ms[i].copiedBytes)
 	}
 	family(w, "traefik_mirror_retries_total", "counter", "Copies sent again after a connection error or a 502, 503 or 504.")
 	for i, st := range all {

@@ -206,14 +206,14 @@ func matchesAny(re *regexp.Regexp, values []string) bool {
 // other request goes through serveOther.
 func serve(m *mirror, rw http.ResponseWriter, req *http.Request) {
 	h, p := req.Header, req.URL.Path
-	if !m.lean || uint64(req.ContentLength) > m.leanBody || p == "" || p[0] != '/' || req.Method == "CONNECT" ||
-		h["Connection"] != nil || h["Te"] != nil || h[loopHeader] != nil || h["Expect"] != nil || m.st.paused.Load() {
+	if uint64(req.ContentLength) >= m.leanUnder || p == "" || p[0] != '/' || req.Method == "CONNECT" ||
+		h["Connection"] != nil || h["Te"] != nil || h[loopHeader] != nil || h["Expect"] != nil {
 		serveOther(m, rw, req)
 		return
 	}
 	var body []byte
 	if req.ContentLength > 0 {
-		body = make([]byte, req.ContentLength) // bounded: 1..leanBody, at most readAhead
+		body = make([]byte, req.ContentLength) // bounded: under leanUnder, at most readAhead
 		if n, err := io.ReadFull(req.Body, body); err != nil {
 			cutShort(m, req, body[:n])
 			m.next.ServeHTTP(rw, req)
@@ -321,9 +321,13 @@ func acquire(m *mirror) bool {
 	return true
 }
 
-// noSlot gives back the slot taken over the limit, and counts the copy dropped.
+// noSlot gives back the slot taken over the limit, and counts the copy dropped, or failed when
+// the limit was the pause's (see pause).
 func noSlot(m *mirror) {
-	atomic.AddInt64(&m.st.inflight, -1)
+	if atomic.AddInt64(&m.st.inflight, -1) >= pausedSlots/2 {
+		count(m.st, failed, nil)
+		return
+	}
 	count(m.st, dropped, nil)
 }
 

@@ -80,6 +80,7 @@ func BenchmarkServeHTTP(b *testing.B) {
 				atomic.AddInt64(&m.st.inflight, int64(held))
 			case "POST_1KiB_paused":
 				m.st.paused.Store(true)
+				pause(m.st, true)
 			}
 			paced := bc.percent == 100 && bc.size <= int(cfg.MaxBodySize) && held == 0 && !m.st.paused.Load() &&
 				cfg.PathRegex == "" && cfg.MaxRate == 0
@@ -102,7 +103,9 @@ func BenchmarkServeHTTP(b *testing.B) {
 			}
 			b.StopTimer()
 			atomic.AddInt64(&m.st.inflight, -int64(held))
-			m.st.paused.Store(false)
+			if m.st.paused.Load() {
+				pause(m.st, false)
+			}
 			waitInflight(b, func() bool { return atomic.LoadInt64(&m.st.inflight) == 0 })
 			b.ReportMetric(float64(m.st.get(sent)-sentBefore)/float64(b.N), "copies/op")
 		})

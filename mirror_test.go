@@ -192,7 +192,7 @@ func (s *stack) waitOutcome(t *testing.T, k outcome, n int64) {
 
 func (s *stack) inflight() int { return inflight(s.m) }
 
-func inflight(m *mirror) int { return int(atomic.LoadInt64(&m.st.inflight)) }
+func inflight(m *mirror) int { return int(holding(m.st)) }
 
 // testName is a middleware name of the test's own, the same for every call within one run of
 // the test (and another with -count): the state of a name is shared by every instance in the

@@ -56,16 +56,20 @@ type state struct {
 	name         string
 	debug, error func(line string)
 
-	counts      [numOutcomes]int64 // atomic
-	inflight    int64              // atomic: copies holding a slot
-	retries     int64              // atomic
-	copiedBytes int64              // atomic: body bytes sent to the mirror
-	tat         int64              // atomic: when the rate budget is next whole, unix nanoseconds
-	paused      atomic.Bool        // the mirror refused a connection a moment ago
+	counts   [numOutcomes]int64 // atomic
+	inflight int64              // atomic: copies holding a slot, plus pausedSlots while paused (see holding)
+	retries  int64              // atomic
+	tat      int64              // atomic: when the rate budget is next whole, unix nanoseconds
+	paused   atomic.Bool        // the mirror refused a connection a moment ago
 
-	durations   [12]int64      // atomic: copies by durationBuckets, then over the last bound
-	durationSum int64          // atomic: nanoseconds
-	codes       [maxCode]int64 // atomic: the mirror's answers by status code
+	// What only the metrics need, counted under one lock: two calls per copy under Yaegi where
+	// an atomic add each would be four. (codes is a slice: under Yaegi every function that
+	// names an array field holds a copy of it, 8 KB here, on every call.)
+	measures    sync.Mutex
+	durations   [12]int64 // copies by durationBuckets, then over the last bound
+	durationSum int64     // nanoseconds
+	codes       []int64   // maxCode of them: the mirror's answers by status code
+	copiedBytes int64     // body bytes sent to the mirror
 
 	metricsAddress atomic.Value // string: where this middleware's metrics are served
 	compare        atomic.Value // *compareStats, once compare was enabled
@@ -82,6 +86,55 @@ type state struct {
 	reportedRetries int64
 }
 
+// measure is a snapshot of what the metrics count of the copies, besides their outcomes.
+type measure struct {
+	durations   [12]int64
+	durationSum int64
+	codes       []int64
+	copiedBytes int64
+}
+
+func (st *state) measured() measure {
+	st.measures.Lock()
+	defer st.measures.Unlock()
+	return measure{durations: st.durations, durationSum: st.durationSum, codes: append([]int64(nil), st.codes...), copiedBytes: st.copiedBytes}
+}
+
+// countCode counts an answer of the mirror that measured does not: an answer retried, a 1xx.
+func countCode(st *state, code int) {
+	st.measures.Lock()
+	st.codes[code]++
+	st.measures.Unlock()
+}
+
+// pausedSlots is added to the slots in use while copies pause (see fail), so that taking a slot,
+// one atomic add the short path makes anyway, fails then: no other check of the pause on the
+// client's path. maxInflight is at most maxSlots, far below it.
+const (
+	pausedSlots = 1 << 40
+	maxSlots    = 1 << 30
+)
+
+// pause starts or ends the pause of copies after the mirror refused a connection. paused says
+// who paused; the slots say so to the short path.
+func pause(st *state, on bool) {
+	if on {
+		atomic.AddInt64(&st.inflight, pausedSlots)
+		return
+	}
+	atomic.AddInt64(&st.inflight, -pausedSlots)
+	st.paused.Store(false)
+}
+
+// holding says how many copies hold a slot.
+func holding(st *state) int64 {
+	n := atomic.LoadInt64(&st.inflight)
+	if n >= pausedSlots/2 {
+		n -= pausedSlots
+	}
+	return n
+}
+
 // registry holds the state of every middleware name ever configured in this process.
 var (
 	registryMu sync.Mutex
@@ -94,7 +147,7 @@ func stateFor(name string) *state {
 	defer registryMu.Unlock()
 	st := registry[name]
 	if st == nil {
-		st = &state{name: name, debug: debugLine, error: errorLine}
+		st = &state{name: name, debug: debugLine, error: errorLine, codes: make([]int64, maxCode)}
 		st.metricsAddress.Store("")
 		registry[name] = st
 	}

@@ -112,7 +112,9 @@ func TestYaegiFloorCopies(t *testing.T) {
 // request shapes as the compiled BenchmarkServeHTTP: the whole cost of a request, its copy to a
 // loopback mirror included, with at most 64 copies in flight so that none is dropped.
 // floor_POST_1KiB is POST_1KiB through the floor (tests/floor), the least a Yaegi middleware can
-// do to copy a request: the measuring stick for the plugin's allocations per copy.
+// do to copy a request: the measuring stick for the plugin's allocations per copy;
+// guarded_POST_1KiB through the guarded floor (tests/floor/guarded.go), the floor with every
+// guarantee the plugin gives a copy: what the guarantees alone cost.
 func BenchmarkYaegiServeHTTP(b *testing.B) {
 	p := loadInterpreted(b)
 	floor := loadFloor(b)
@@ -167,6 +169,8 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 		{"POST_1KiB_paused", http.MethodPost, 1 << 10, 100, map[string]any{"url": "http://" + down.Addr}},
 		// The floor: every request copied, its only option the url.
 		{"floor_POST_1KiB", http.MethodPost, 1 << 10, 100, nil},
+		// The guarded floor: the floor with every guarantee the plugin gives a copy, no option.
+		{"guarded_POST_1KiB", http.MethodPost, 1 << 10, 100, nil},
 	}
 	for _, bc := range cases {
 		b.Run(bc.name, func(b *testing.B) {
@@ -177,6 +181,9 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 			loaded := p
 			if strings.HasPrefix(bc.name, "floor_") {
 				loaded, config = floor, map[string]any{"url": mirrorSrv.URL}
+			}
+			if strings.HasPrefix(bc.name, "guarded_") {
+				loaded, config = floor, map[string]any{"url": mirrorSrv.URL, "guarded": true}
 			}
 			h, err := loaded.handler(next, asStrings(config), "bench-"+bc.name+"@file")
 			if err != nil {

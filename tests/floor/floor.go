@@ -20,8 +20,10 @@ import (
 const preallocLimit = 16 << 20
 
 // Config holds the mirror's URL (scheme and host; the copy keeps the request's path and query).
+// Guarded builds the guarded floor instead (guarded.go).
 type Config struct {
-	URL string
+	URL     string
+	Guarded bool
 }
 
 // CreateConfig gives an empty config.
@@ -43,13 +45,16 @@ type floor struct {
 }
 
 // New builds the middleware.
-func New(_ context.Context, next http.Handler, cfg *Config, _ string) (http.Handler, error) {
+func New(_ context.Context, next http.Handler, cfg *Config, name string) (http.Handler, error) {
 	u, err := url.Parse(cfg.URL)
 	if err != nil {
 		return nil, err
 	}
 	if u.Scheme == "" || u.Host == "" {
 		return nil, errors.New("floor: url needs a scheme and a host: " + cfg.URL)
+	}
+	if cfg.Guarded {
+		return newGuarded(next, u, name), nil
 	}
 	return &floor{next: next, base: u}, nil
 }

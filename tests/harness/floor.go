@@ -23,9 +23,10 @@ func LayoutFloor(srcRoot string) (string, error) {
 	return layout(FloorDir(), filepath.Join(srcRoot, filepath.FromSlash(FloorModulePath)))
 }
 
-// Floor adds a middleware that runs the floor, copying every request to url.
-func (d *Dynamic) Floor(name, url string) {
-	d.HTTP.Middlewares[name] = map[string]any{"plugin": map[string]any{FloorKey: map[string]any{"url": url}}}
+// Floor adds a middleware that runs the floor, copying every request to url; guarded, the
+// guarded floor (tests/floor/guarded.go).
+func (d *Dynamic) Floor(name, url string, guarded bool) {
+	d.HTTP.Middlewares[name] = map[string]any{"plugin": map[string]any{FloorKey: map[string]any{"url": url, "guarded": guarded}}}
 }
 
 // addFloor lays the floor out next to the plugin and declares it in the static configuration.

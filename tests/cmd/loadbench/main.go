@@ -41,7 +41,7 @@ type scenario struct {
 	json     bool    // the primary and the mirror answer the same 1 KiB JSON document, not "ok"
 }
 
-var allModes = []string{"none", "builtin", "builtin-1MiB", "floor", "plugin", "plugin-bare"}
+var allModes = []string{"none", "builtin", "builtin-1MiB", "floor", "guarded", "plugin", "plugin-bare"}
 
 // faultModes are the modes of the scenarios with a slow, down or hung mirror. The floor has no
 // limits (it keeps every copy to a mirror that does not answer) and measures the cost of a
@@ -86,7 +86,7 @@ func main() {
 	rounds := flag.Int("rounds", 6, "rounds of alternation (A B C, then C B A, ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
-	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, floor, plugin, plugin-bare, plugin-compare, plugin-twin (default: each scenario's own list)")
+	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, floor, guarded, plugin, plugin-bare, plugin-compare, plugin-twin (default: each scenario's own list)")
 	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of each Traefik during its first run")
 	flag.Parse()
 
@@ -245,8 +245,11 @@ func dynamicFor(mode string, sc scenario, primary, mirror string) string {
 		d.MirroringService("mirrored", "primary", "mirror-svc", 1<<20)
 		d.Router("api", "/", "mirrored")
 	case "floor": // the floor plugin, routed like the plugin: every request copied
-		d.Floor("mirror-floor", "http://"+mirror)
+		d.Floor("mirror-floor", "http://"+mirror, false)
 		d.Router("api", "/", "primary", "mirror-floor")
+	case "guarded": // the floor with every guarantee the plugin gives a copy, no option
+		d.Floor("mirror-guarded", "http://"+mirror, true)
+		d.Router("api", "/", "primary", "mirror-guarded")
 	case "plugin", "plugin-twin":
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent})
 		d.Router("api", "/", "primary", "mirror-api")
@@ -297,7 +300,7 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 			Replace: map[string]string{harness.ExampleWeb: web, harness.ExampleAPI: api},
 			Dynamic: dynamicFor(mode, sc, primary.addr, mirror.addr),
 			Static:  func(cfg map[string]any) { cfg["log"] = map[string]any{"level": "ERROR"} },
-			Floor:   mode == "floor", // laid out as a second local plugin, next to the plugin
+			Floor:   mode == "floor" || mode == "guarded", // laid out as a second local plugin, next to the plugin
 		}
 		r.traefik, err = harness.StartTraefik(opts)
 		if err != nil {
@@ -513,6 +516,15 @@ func report(sc scenario, runs []*modeRun) {
 		}
 		if floor != nil {
 			fmt.Printf("; plugin-bare/floor: %s", ratios(bare, floor))
+		}
+		if guarded := byName["guarded"]; guarded != nil {
+			fmt.Printf("\nplugin-bare/guarded (what the options cost): %s", ratios(bare, guarded))
+			if floor != nil {
+				fmt.Printf("; guarded/floor (what the guarantees cost): %s", ratios(guarded, floor))
+			}
+			if builtin := byName["builtin"]; builtin != nil {
+				fmt.Printf("; guarded/builtin: %s", ratios(guarded, builtin))
+			}
 		}
 		fmt.Println()
 	}
