@@ -297,7 +297,7 @@ func forwardedFor(prior []string, ip string) string {
 func ended(m *mirror, c *copyRequest, out *http.Request, resp *http.Response, err error) {
 	ctx := out.Context()
 	if err != nil || resp.StatusCode >= 500 && m.retries > 0 {
-		resp, err = retry(ctx, m, c, out, resp, err)
+		resp, err = retry(ctx, m, c, out, resp, err) //nolint:bodyclose // answered closes it
 	}
 	if err == nil {
 		err = answered(ctx, m, c, resp)
