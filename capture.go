@@ -50,6 +50,7 @@ func prepareCompare(m *mirror, c *copyRequest) bool {
 	w := &capture{limit: cmp.maxBodySize, url: c.req.URL}
 	w.answered, w.done = context.WithCancel(context.Background())
 	c.capture = w
+	c.follows = true
 	return true
 }
 

@@ -30,6 +30,12 @@ type Config struct {
 	MirrorBody bool `json:"mirrorBody,omitempty"`
 	// MaxBodySize is the largest body, in bytes, that is copied; -1 means no limit.
 	MaxBodySize int64 `json:"maxBodySize,omitempty"`
+	// BodyBuffer is the most of one body a copy holds: a longer body, when maxBodySize allows
+	// it, is streamed to the mirror as the primary reads it.
+	BodyBuffer int64 `json:"bodyBuffer,omitempty"`
+	// StreamStall is how long in all the primary's reads of one streamed body may wait for the
+	// mirror, as a Go duration; then the copy is cut.
+	StreamStall string `json:"streamStall,omitempty"`
 	// Timeout bounds the whole copy exchange, as a Go duration ("5s", "250ms").
 	Timeout string `json:"timeout,omitempty"`
 	// MaxInflight is how many copies may be in flight at once; past it copies are dropped.
@@ -95,6 +101,8 @@ func CreateConfig() *Config {
 		Percent:     100,
 		MirrorBody:  true,
 		MaxBodySize: 1 << 20,
+		BodyBuffer:  1 << 20,
+		StreamStall: "200ms",
 		Timeout:     "5s",
 		MaxInflight: 100,
 		Compare: CompareConfig{
@@ -138,6 +146,9 @@ func regularFile(path string) error {
 	return nil
 }
 
+// maxBodyBuffer bounds bodyBuffer: what one copy may hold of a body.
+const maxBodyBuffer = 1 << 30
+
 // maxRetries bounds retries: every attempt must fit in the one timeout anyway.
 const maxRetries = 10
 
@@ -166,6 +177,9 @@ type settings struct {
 	leanUnder   uint64
 	mirrorBody  bool
 	maxBodySize int64 // -1: no limit
+	bodyBuffer  int   // the most of a body a copy holds
+	streams     bool  // a body past bodyBuffer is streamed: maxBodySize allows more
+	streamStall time.Duration
 	timeout     time.Duration
 	maxInflight int64
 
@@ -219,6 +233,11 @@ func compile(c *Config) (settings, error) {
 		return s, fmt.Errorf("mirror: invalid maxBodySize %d: must be -1 (no limit) or a size in bytes", c.MaxBodySize)
 	}
 	s.maxBodySize = c.MaxBodySize
+	if c.BodyBuffer < readAhead || c.BodyBuffer > maxBodyBuffer {
+		return s, fmt.Errorf("mirror: invalid bodyBuffer %d: must be from %d to %d bytes", c.BodyBuffer, readAhead, maxBodyBuffer)
+	}
+	s.bodyBuffer = int(c.BodyBuffer)
+	s.streams = c.MaxBodySize < 0 || c.MaxBodySize > c.BodyBuffer
 
 	// Timeout is a string: Traefik's decoder cannot turn "5s" into a time.Duration.
 	var err error
@@ -228,6 +247,12 @@ func compile(c *Config) (settings, error) {
 	}
 	if s.timeout <= 0 {
 		return s, fmt.Errorf("mirror: invalid timeout %q: must be positive", c.Timeout)
+	}
+	if s.streamStall, err = time.ParseDuration(c.StreamStall); err != nil {
+		return s, fmt.Errorf("mirror: invalid streamStall %q: %w", c.StreamStall, err)
+	}
+	if s.streamStall < 0 {
+		return s, fmt.Errorf("mirror: invalid streamStall %q: must not be negative", c.StreamStall)
 	}
 
 	if c.MaxInflight < 1 {

@@ -172,7 +172,9 @@ type copyRequest struct {
 	full bool // not from serve's short path: the copy's headers need all of send's work (see send)
 
 	tee     *teeBody // the body is copied as the primary reads it
+	stream  *stream  // the rest of the body follows the copy (see stream)
 	capture *capture // the primary's answer, when this copy is compared
+	follows bool     // the answer needs more than a drain: a comparison, a stream to stop
 
 	askedGzip bool // the copy asks for gzip where the client asked for no encoding (see meant)
 
@@ -246,7 +248,7 @@ func send(m *mirror, c *copyRequest) {
 		out.Host = m.host
 	}
 	resp, err := m.transport.RoundTrip(out)
-	if err == nil && uint(resp.StatusCode-200) < 300 && c.capture == nil {
+	if err == nil && uint(resp.StatusCode-200) < 300 && !c.follows {
 		_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
 		_ = resp.Body.Close()
 		c.code = resp.StatusCode // counted in settle
@@ -272,7 +274,11 @@ func rebase(m *mirror, u *url.URL) {
 func fullHeaders(c *copyRequest, out *http.Request) {
 	c.began = time.Now()
 	out.TransferEncoding = nil
-	out.ContentLength = int64(len(c.body))
+	if c.stream != nil {
+		out.Body = c.stream.pr // ContentLength stays as the client declared it; -1: chunked
+	} else {
+		out.ContentLength = int64(len(c.body))
+	}
 	h := out.Header
 	if h["Connection"] != nil {
 		removeConnectionHeaders(h)
@@ -301,6 +307,15 @@ func ended(m *mirror, c *copyRequest, out *http.Request, resp *http.Response, er
 	}
 	if err == nil {
 		err = answered(ctx, m, c, resp)
+	}
+	if c.stream != nil {
+		// The exchange is over, whether the mirror read the whole body or not: the primary
+		// goes on alone. A copy that failed because its body was cut counts as such.
+		c.stream.stop()
+		if o, why := c.stream.result(); err != nil && o != sent {
+			c.outcome = o
+			err = why
+		}
 	}
 	if err != nil {
 		fail(m, c, err)
@@ -344,7 +359,8 @@ func retry(ctx context.Context, m *mirror, c *copyRequest, out *http.Request, re
 		}
 		// 25 ms, 50 ms, 100 ms, ... each between half and one and a half of that.
 		backoff := time.Duration(float64(25*time.Millisecond<<attempt) * (0.5 + rand.Float64()))
-		if deadline, _ := ctx.Deadline(); attempt == m.retries || ctx.Err() != nil || time.Until(deadline) < backoff {
+		// A streamed copy is not sent again: its body is gone.
+		if deadline, _ := ctx.Deadline(); attempt == m.retries || c.stream != nil || ctx.Err() != nil || time.Until(deadline) < backoff {
 			return resp, err
 		}
 		if err == nil { // this answer is not the last: count it and let it go (answered counts the last)
@@ -420,6 +436,9 @@ func measured(m *mirror, c *copyRequest) {
 	if c.code != 0 {
 		st.codes[c.code]++ // Go's client reads three digits only
 		st.copiedBytes += int64(len(c.body))
+		if c.stream != nil {
+			st.copiedBytes += c.stream.copied()
+		}
 	}
 	st.durations[b]++
 	st.durationSum += d

@@ -253,7 +253,7 @@ type chunked struct{ r io.Reader }
 func (c chunked) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 func TestCreateConfigDefaults(t *testing.T) {
-	want := &Config{Percent: 100, MirrorBody: true, MaxBodySize: 1 << 20, Timeout: "5s", MaxInflight: 100,
+	want := &Config{Percent: 100, MirrorBody: true, MaxBodySize: 1 << 20, BodyBuffer: 1 << 20, StreamStall: "200ms", Timeout: "5s", MaxInflight: 100,
 		Compare: CompareConfig{MaxBodySize: 64 << 10, Percent: 100}}
 	if got := CreateConfig(); !reflect.DeepEqual(got, want) {
 		t.Errorf("CreateConfig(): got %+v, want %+v", got, want)

@@ -23,10 +23,11 @@ const (
 	sampledOut                 // not picked by percent
 	filtered                   // not chosen by methods, pathRegex or matchHeaders
 	skipped                    // upgrade, loop, not a path, or a body not finished
+	cut                        // a streamed body the mirror did not keep up with
 	numOutcomes
 )
 
-var outcomeNames = [numOutcomes]string{"sent", "failed", "dropped", "rateLimited", "tooLarge", "sampledOut", "filtered", "skipped"}
+var outcomeNames = [numOutcomes]string{"sent", "failed", "dropped", "rateLimited", "tooLarge", "sampledOut", "filtered", "skipped", "cut"}
 
 // logInterval is the least time between two log lines of one middleware.
 const logInterval = 10 * time.Second
@@ -243,7 +244,7 @@ func (st *state) flush() {
 		total := st.get(k)
 		if d := total - st.reported[k]; d > 0 {
 			parts = append(parts, outcomeNames[k]+"="+strconv.FormatInt(d, 10))
-			problems = problems || k == failed || k == dropped
+			problems = problems || k == failed || k == dropped || k == cut
 		}
 		st.reported[k] = total
 	}

@@ -40,7 +40,7 @@ var mirrorFamilies = map[string]string{
 }
 
 // mirrorOutcomes are the outcome label values of traefik_mirror_requests_total.
-var mirrorOutcomes = []string{"sent", "failed", "dropped", "rateLimited", "tooLarge", "sampledOut", "filtered", "skipped"}
+var mirrorOutcomes = []string{"sent", "failed", "dropped", "rateLimited", "tooLarge", "sampledOut", "filtered", "skipped", "cut"}
 
 // scrape is one read of a metrics endpoint: the text and what expfmt made of it.
 type scrape struct {

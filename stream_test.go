@@ -1,0 +1,308 @@
+package mirror
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// streamConfig streams bodies past 64 KiB: no limit on the body, the least buffer.
+func streamConfig(stall string) *Config {
+	cfg := CreateConfig()
+	cfg.MaxBodySize = -1
+	cfg.BodyBuffer = 64 << 10
+	cfg.StreamStall = stall
+	return cfg
+}
+
+func TestStreamedBodiesArriveWhole(t *testing.T) {
+	t.Parallel()
+	body := randomBytes(t, 3<<20+123)
+	for _, test := range []struct {
+		desc    string
+		chunked bool
+	}{{"Content-Length", false}, {"chunked", true}} {
+		t.Run(test.desc, func(t *testing.T) {
+			t.Parallel()
+			s := newStack(t, streamConfig("200ms"), nil)
+			var r io.Reader = bytes.NewReader(body)
+			if test.chunked {
+				r = chunked{r}
+			}
+			req, err := http.NewRequest(http.MethodPut, s.front.URL+"/upload", r)
+			noError(t, err)
+			code, _ := s.do(t, req)
+			equal(t, code, http.StatusOK, "status")
+			for _, u := range []*upstream{s.primary, s.mirror} {
+				got := u.next(t)
+				noError(t, got.bodyErr)
+				equal(t, sha256.Sum256(got.body), sha256.Sum256(body), "body at "+u.URL)
+			}
+			s.waitOutcome(t, sent, 1)
+			equal(t, s.inflight(), 0, "copies in flight")
+		})
+	}
+}
+
+// TestStreamedCopyLeavesWithThePrimary: the copy's first bytes reach the mirror while the
+// client is still holding back the second half of its body.
+func TestStreamedCopyLeavesWithThePrimary(t *testing.T) {
+	t.Parallel()
+	first := make(chan []byte, 1)
+	mirrorSrv := httptest.NewServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
+		b := make([]byte, 1<<10)
+		n, _ := io.ReadFull(r.Body, b)
+		first <- b[:n]
+		_, _ = io.Copy(io.Discard, r.Body)
+	}))
+	t.Cleanup(mirrorSrv.Close)
+	cfg := streamConfig("200ms")
+	cfg.URL = mirrorSrv.URL
+	s := newStack(t, cfg, nil)
+
+	half := bytes.Repeat([]byte("a"), 1<<20)
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		req, _ := http.NewRequest(http.MethodPost, s.front.URL+"/two-halves", pr)
+		req.ContentLength = 2 << 20
+		resp, err := s.front.Client().Do(req)
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			_ = resp.Body.Close()
+		}
+		done <- err
+	}()
+	_, err := pw.Write(half)
+	noError(t, err)
+	select {
+	case b := <-first:
+		equal(t, string(b), strings.Repeat("a", 1<<10), "the copy's first bytes")
+	case <-time.After(waitLimit):
+		t.Fatal("no byte of the copy reached the mirror before the second half was sent")
+	}
+	_, err = pw.Write(half)
+	noError(t, err)
+	noError(t, pw.Close())
+	noError(t, <-done)
+	s.waitOutcome(t, sent, 1)
+}
+
+// slowMirror reads each body at about rate bytes per second until fast is set, then at once
+// (what the kernel buffered of a cut copy takes long at that pace), and says how each read ended.
+func slowMirror(t *testing.T, rate int) (srv *httptest.Server, ends chan error, fast *atomic.Bool) {
+	t.Helper()
+	ends, fast = make(chan error, 16), &atomic.Bool{}
+	srv = httptest.NewServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
+		b := make([]byte, 16<<10)
+		var err error
+		for err == nil {
+			if !fast.Load() {
+				time.Sleep(time.Second * time.Duration(len(b)) / time.Duration(rate)) // the mirror's pace
+			}
+			_, err = r.Body.Read(b)
+		}
+		ends <- err
+	}))
+	t.Cleanup(srv.Close)
+	return srv, ends, fast
+}
+
+// TestSlowMirrorCutsTheStreamedCopy: a mirror far slower than the client holds the primary back
+// for streamStall at most, then its copy is cut: counted, and ended in an error at the mirror.
+func TestSlowMirrorCutsTheStreamedCopy(t *testing.T) {
+	t.Parallel()
+	mirrorSrv, ends, fast := slowMirror(t, 256<<10)
+	cfg := streamConfig("100ms")
+	cfg.URL = mirrorSrv.URL
+	s := newStack(t, cfg, nil)
+	body := randomBytes(t, 16<<20)
+	began := time.Now()
+	code, _ := s.do(t, mustRequest(t, http.MethodPost, s.front.URL+"/big", bytes.NewReader(body)))
+	took := time.Since(began)
+	equal(t, code, http.StatusOK, "status")
+	got := s.primary.next(t)
+	equal(t, sha256.Sum256(got.body), sha256.Sum256(body), "the primary's body")
+	// At 256 KiB/s the mirror would take a minute; the primary waited 100 ms at most for it.
+	if took > 5*time.Second {
+		t.Errorf("the primary's request took %s, want it not held back by the mirror", took)
+	}
+	s.waitOutcome(t, cut, 1)
+	fast.Store(true)
+	select {
+	case err := <-ends:
+		if err == io.EOF {
+			t.Error("the mirror read a complete body, want the cut copy to end in an error")
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("the mirror's request did not end")
+	}
+	contains(t, s.stderr.String(), "streamStall")
+}
+
+// TestEarlyAnswerEndsTheStreamedCopy: a mirror that answers 413 without reading leaves the
+// primary its whole body, and the next copy goes as usual.
+func TestEarlyAnswerEndsTheStreamedCopy(t *testing.T) {
+	t.Parallel()
+	var answered atomic.Int64
+	mirrorSrv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
+		answered.Add(1)
+		rw.Header().Set("Connection", "close")
+		rw.WriteHeader(http.StatusRequestEntityTooLarge)
+	}))
+	t.Cleanup(mirrorSrv.Close)
+	cfg := streamConfig("100ms")
+	cfg.URL = mirrorSrv.URL
+	s := newStack(t, cfg, nil)
+	body := randomBytes(t, 8<<20)
+	for i := 1; i <= 2; i++ {
+		code, _ := s.do(t, mustRequest(t, http.MethodPost, s.front.URL+"/early", bytes.NewReader(body)))
+		equal(t, code, http.StatusOK, "status")
+		got := s.primary.next(t)
+		equal(t, sha256.Sum256(got.body), sha256.Sum256(body), "the primary's body")
+		s.waitOutcome(t, sent, int64(i))
+	}
+	equal(t, answered.Load(), int64(2), "copies the mirror answered")
+	equal(t, s.m.st.get(cut), 0, "cut")
+}
+
+// TestClientGoneMidStreamLeavesNoCompleteCopy: a client that stops half-way through its body.
+func TestClientGoneMidStreamLeavesNoCompleteCopy(t *testing.T) {
+	t.Parallel()
+	mirrorSrv, ends, _ := slowMirror(t, 1<<30)
+	cfg := streamConfig("200ms")
+	cfg.URL = mirrorSrv.URL
+	s := newStack(t, cfg, nil)
+	pr, pw := io.Pipe()
+	req := mustRequest(t, http.MethodPost, s.front.URL+"/gone", pr)
+	req.ContentLength = 16 << 20
+	go func() {
+		_, _ = pw.Write(make([]byte, 4<<20))
+		_ = pw.CloseWithError(errors.New("client gone"))
+	}()
+	if resp, err := s.front.Client().Do(req); err == nil {
+		_ = resp.Body.Close()
+	}
+	select {
+	case err := <-ends:
+		if err == io.EOF {
+			t.Error("the mirror read a complete body, want an incomplete request")
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("the mirror's request did not end")
+	}
+	if !poll(time.Millisecond, func() bool { return s.inflight() == 0 }) {
+		t.Fatal("the copy still holds its slot")
+	}
+	equal(t, s.m.st.get(sent), 0, "sent")
+}
+
+// TestStreamedBodyPastMaxBodySize: a body of unknown length that passes maxBodySize after it
+// began to stream is cut, and counted tooLarge.
+func TestStreamedBodyPastMaxBodySize(t *testing.T) {
+	t.Parallel()
+	mirrorSrv, ends, _ := slowMirror(t, 1<<30)
+	cfg := streamConfig("200ms")
+	cfg.MaxBodySize = 1 << 20
+	cfg.URL = mirrorSrv.URL
+	s := newStack(t, cfg, nil)
+	body := randomBytes(t, 2<<20)
+	code, _ := s.do(t, mustRequest(t, http.MethodPost, s.front.URL+"/grows", chunked{bytes.NewReader(body)}))
+	equal(t, code, http.StatusOK, "status")
+	equal(t, len(s.primary.next(t).body), len(body), "the primary's body")
+	s.waitOutcome(t, tooLarge, 1)
+	if err := <-ends; err == io.EOF {
+		t.Error("the mirror read a complete body, want an incomplete request")
+	}
+}
+
+// TestEmptyChunkedBodyIsCopied: no chunk at all, and the copy has an empty body.
+func TestEmptyChunkedBodyIsCopied(t *testing.T) {
+	t.Parallel()
+	s := newStack(t, streamConfig("200ms"), nil)
+	code, _ := s.do(t, mustRequest(t, http.MethodPost, s.front.URL+"/empty", chunked{strings.NewReader("")}))
+	equal(t, code, http.StatusOK, "status")
+	got := s.mirror.next(t)
+	noError(t, got.bodyErr)
+	equal(t, len(got.body), 0, "the copy's body")
+	s.waitOutcome(t, sent, 1)
+}
+
+func mustRequest(t *testing.T, method, url string, body io.Reader) *http.Request {
+	t.Helper()
+	req, err := http.NewRequest(method, url, body)
+	noError(t, err)
+	return req
+}
+
+// The ring itself, without HTTP: full, drained, cut, closed.
+func TestStreamRing(t *testing.T) {
+	t.Parallel()
+	m := &mirror{settings: settings{bodyBuffer: 8, maxBodySize: -1, streamStall: 50 * time.Millisecond}}
+
+	t.Run("drained in order", func(t *testing.T) {
+		s := newStream(m, []byte("abc"))
+		got := make(chan []byte, 1)
+		go func() { b, _ := io.ReadAll(s.pr); got <- b }()
+		want := "abc"
+		for i := 0; i < 100; i++ {
+			chunk := strings.Repeat(string(rune('a'+i%26)), i%13)
+			s.write([]byte(chunk))
+			want += chunk
+		}
+		s.finish(io.EOF, sent)
+		equal(t, string(<-got), want, "what the pipe gave")
+		o, why := s.result()
+		equal(t, o, sent, "outcome")
+		noError(t, why)
+		equal(t, s.copied(), int64(len(want)), "copied")
+	})
+
+	t.Run("full, then cut after the stall", func(t *testing.T) {
+		s := newStream(m, nil)
+		began := time.Now()
+		s.write([]byte("0123456789abcdef")) // nobody reads: 8 fit, then the stall is spent
+		waited := time.Since(began)
+		if waited < 50*time.Millisecond || waited > 2*time.Second {
+			t.Errorf("the write waited %s, want about the 50ms stall", waited)
+		}
+		o, why := s.result()
+		equal(t, o, cut, "outcome")
+		contains(t, why.Error(), "streamStall")
+		s.write([]byte("more")) // after the cut: dropped at once
+		if time.Since(began) > waited+time.Second {
+			t.Error("a write after the cut waited")
+		}
+		_, err := io.ReadAll(s.pr)
+		if err == nil {
+			t.Error("the pipe of a cut copy ended cleanly, want an error")
+		}
+	})
+
+	t.Run("stopped by the copy", func(t *testing.T) {
+		s := newStream(m, nil)
+		s.stop()
+		began := time.Now()
+		s.write(bytes.Repeat([]byte("x"), 64)) // the copy is over: nothing waits
+		if time.Since(began) > time.Second {
+			t.Error("a write to a stopped stream waited")
+		}
+		o, _ := s.result()
+		equal(t, o, sent, "outcome of a copy stopped by its answer")
+	})
+
+	t.Run("no stall budget", func(t *testing.T) {
+		m0 := &mirror{settings: settings{bodyBuffer: 8, maxBodySize: -1}}
+		s := newStream(m0, nil)
+		s.write([]byte("0123456789")) // 8 fit, then it is cut at once
+		o, _ := s.result()
+		equal(t, o, cut, "outcome")
+	})
+}
