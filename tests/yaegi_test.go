@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -483,4 +484,100 @@ func TestYaegiStreamingBody(t *testing.T) {
 	c, ok := mirrorSrv.Next(waitLimit)
 	require.True(t, ok)
 	assert.Equal(t, "hello\nworld", string(c.Body))
+}
+
+// Bodies past bodyBuffer under the interpreter: streamed whole to a mirror that keeps up, cut
+// (and the primary not held back) by one that does not, ended by one that answers early.
+func TestYaegiStreamedBodies(t *testing.T) {
+	p := loadInterpreted(t)
+	stream := map[string]any{"maxBodySize": -1, "bodyBuffer": 64 << 10, "streamStall": "50ms"}
+	with := func(extra map[string]any) map[string]any {
+		c := map[string]any{}
+		for k, v := range stream {
+			c[k] = v
+		}
+		for k, v := range extra {
+			c[k] = v
+		}
+		return c
+	}
+	body := randomBytes(t, 3<<20+17)
+
+	t.Run("whole", func(t *testing.T) {
+		// The default buffer and stall: under -race the interpreter is slow enough that a 64 KiB
+		// buffer and 50 ms cut copies to a mirror that keeps up.
+		s := newYaegiStack(t, p, with(map[string]any{"bodyBuffer": 1 << 20, "streamStall": "200ms"}), "streamed@file", nil)
+		for _, isChunked := range []bool{false, true} {
+			var r io.Reader = bytes.NewReader(body)
+			if isChunked {
+				r = chunked{r}
+			}
+			resp, err := http.Post(s.front.URL+"/up", "application/octet-stream", r)
+			require.NoError(t, err)
+			resp.Body.Close()
+			for _, u := range []*harness.Upstream{s.primary, s.mirror} {
+				got, ok := u.Next(waitLimit)
+				require.True(t, ok, "chunked %v: nothing at %s", isChunked, u.URL)
+				require.NoError(t, got.BodyErr, "chunked %v at %s: %d bytes of %d", isChunked, u.URL, len(got.Body), len(body))
+				assert.True(t, bytes.Equal(body, got.Body), "chunked %v: the body at %s", isChunked, u.URL)
+			}
+		}
+		waitLine(t, p.stdout, "mirror streamed@file: sent=")
+	})
+
+	t.Run("cut", func(t *testing.T) {
+		var fast atomic.Bool
+		ended := make(chan error, 1)
+		slow := httptest.NewServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
+			b := make([]byte, 16<<10)
+			var err error
+			for err == nil {
+				if !fast.Load() {
+					time.Sleep(50 * time.Millisecond) // about 320 KiB/s
+				}
+				_, err = r.Body.Read(b)
+			}
+			ended <- err
+		}))
+		t.Cleanup(slow.Close)
+		s := newYaegiStack(t, p, with(map[string]any{"url": slow.URL}), "streamcut@file", nil)
+		big := randomBytes(t, 16<<20)
+		began := time.Now()
+		resp, err := http.Post(s.front.URL+"/big", "application/octet-stream", bytes.NewReader(big))
+		require.NoError(t, err)
+		resp.Body.Close()
+		assert.Less(t, time.Since(began), 5*time.Second, "the primary held back by the mirror")
+		got, ok := s.primary.Next(waitLimit)
+		require.True(t, ok)
+		assert.True(t, bytes.Equal(big, got.Body), "the primary's body")
+		waitLine(t, p.stderr, "mirror streamcut@file: cut=1")
+		fast.Store(true)
+		select {
+		case err := <-ended:
+			assert.NotEqual(t, io.EOF, err, "the mirror read a complete body")
+		case <-time.After(waitLimit):
+			t.Fatal("the mirror's request did not end")
+		}
+	})
+
+	t.Run("early answer", func(t *testing.T) {
+		var answered atomic.Int64
+		early := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
+			answered.Add(1) // without reading the body
+			rw.Header().Set("Connection", "close")
+			rw.WriteHeader(http.StatusRequestEntityTooLarge)
+		}))
+		t.Cleanup(early.Close)
+		s := newYaegiStack(t, p, with(map[string]any{"url": early.URL}), "streamearly@file", nil)
+		for i := 0; i < 2; i++ {
+			resp, err := http.Post(s.front.URL+"/early", "application/octet-stream", bytes.NewReader(body))
+			require.NoError(t, err)
+			resp.Body.Close()
+			got, ok := s.primary.Next(waitLimit)
+			require.True(t, ok)
+			assert.True(t, bytes.Equal(body, got.Body), "the primary's body")
+		}
+		waitLine(t, p.stdout, "mirror streamearly@file: sent=")
+		assert.Equal(t, int64(2), answered.Load(), "copies the mirror answered")
+	})
 }
