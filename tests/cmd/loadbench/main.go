@@ -58,7 +58,10 @@ var allScenarios = []scenario{
 	{"sampled-out", 1 << 10, "healthy", 0, []string{"none", "plugin"}, 0, false},
 	{"sampled-0.01%", 1 << 10, "healthy", 0.01, []string{"none", "plugin"}, 0, false},
 	// Over 64 KiB: the body is copied as the primary reads it, through the tee.
-	{"healthy-256KiB", 256 << 10, "healthy", 100, []string{"none", "builtin", "floor", "plugin"}, 0, false},
+	{"healthy-256KiB", 256 << 10, "healthy", 100, []string{"none", "builtin", "floor", "plugin", "plugin-stream"}, 0, false},
+	// A body past bodyBuffer, streamed to the mirror as the primary reads it (plugin-stream:
+	// maxBodySize -1, so that the body is copied at all).
+	{"healthy-16MiB", 16 << 20, "healthy", 100, []string{"none", "builtin", "plugin-stream"}, 0, false},
 	// A compared request next to a copied one, both services answering the same 1 KiB JSON.
 	{"compare-1KiB", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-compare"}, 0, true},
 	// The same at a fixed rate well below saturation: the client's latency, not the CPU's.
@@ -86,7 +89,7 @@ func main() {
 	rounds := flag.Int("rounds", 6, "rounds of alternation (A B C, then C B A, ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
-	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, floor, guarded, plugin, plugin-bare, plugin-compare, plugin-twin (default: each scenario's own list)")
+	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, floor, guarded, plugin, plugin-bare, plugin-stream, plugin-compare, plugin-twin (default: each scenario's own list)")
 	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of each Traefik during its first run")
 	flag.Parse()
 
@@ -112,6 +115,23 @@ func main() {
 	}
 }
 
+// sameBody reads a body to its end, comparing it with expect piece by piece (a 16 MiB body per
+// connection is not held); nil expects anything.
+func sameBody(r io.Reader, expect []byte) bool {
+	buf := make([]byte, 32<<10)
+	same, off := true, 0
+	for {
+		n, err := r.Read(buf)
+		if expect != nil && (off+n > len(expect) || !bytes.Equal(buf[:n], expect[off:off+n])) {
+			same = false
+		}
+		off += n
+		if err != nil {
+			return err == io.EOF && (expect == nil || same && off == len(expect))
+		}
+	}
+}
+
 // sink is a loopback upstream that counts requests and checks bodies against the one sent.
 type sink struct {
 	addr     string
@@ -129,8 +149,7 @@ func startSink(expect []byte, delay time.Duration, answer []byte) (*sink, error)
 	s := &sink{addr: l.Addr().String()}
 	s.srv = &http.Server{
 		Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
-			body, _ := io.ReadAll(r.Body)
-			if expect != nil && !bytes.Equal(body, expect) {
+			if !sameBody(r.Body, expect) {
 				s.badBody.Add(1)
 			}
 			s.requests.Add(1)
@@ -255,6 +274,9 @@ func dynamicFor(mode string, sc scenario, primary, mirror string) string {
 		d.Router("api", "/", "primary", "mirror-api")
 	case "plugin-bare": // the default options with the example's maxBodySize: no metrics
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "metricsAddress": nil})
+		d.Router("api", "/", "primary", "mirror-api")
+	case "plugin-stream": // the example's options but maxBodySize -1: bodies past bodyBuffer are streamed
+		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "maxBodySize": -1})
 		d.Router("api", "/", "primary", "mirror-api")
 	case "plugin-compare":
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "compare": map[string]any{"enabled": true}})
@@ -494,6 +516,13 @@ func report(sc scenario, runs []*modeRun) {
 		byName[r.name] = r
 	}
 	none, plugin := byName["none"], byName["plugin"]
+	if streamed := byName["plugin-stream"]; streamed != nil && none != nil {
+		fmt.Printf("\nplugin-stream/none: %s", ratios(streamed, none))
+		if builtin := byName["builtin"]; builtin != nil {
+			fmt.Printf("; plugin-stream/builtin: %s", ratios(streamed, builtin))
+		}
+		fmt.Println()
+	}
 	if none == nil || plugin == nil {
 		return
 	}
