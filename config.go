@@ -102,7 +102,7 @@ func CreateConfig() *Config {
 		MirrorBody:  true,
 		MaxBodySize: 1 << 20,
 		BodyBuffer:  1 << 20,
-		StreamStall: "200ms",
+		StreamStall: "1s",
 		Timeout:     "5s",
 		MaxInflight: 100,
 		Compare: CompareConfig{

@@ -275,7 +275,7 @@ func fullHeaders(c *copyRequest, out *http.Request) {
 	c.began = time.Now()
 	out.TransferEncoding = nil
 	if c.stream != nil {
-		out.Body = c.stream.pr // ContentLength stays as the client declared it; -1: chunked
+		out.Body = c.stream // ContentLength stays as the client declared it; -1: chunked
 	} else {
 		out.ContentLength = int64(len(c.body))
 	}

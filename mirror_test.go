@@ -185,7 +185,12 @@ func (s *stack) do(t *testing.T, req *http.Request) (int, []byte) {
 func (s *stack) waitOutcome(t *testing.T, k outcome, n int64) {
 	t.Helper()
 	if !poll(time.Millisecond, func() bool { return s.m.st.get(k) >= n }) {
-		t.Fatalf("%s after %s: got %d, want %d", outcomeNames[k], waitLimit, s.m.st.get(k), n)
+		var all []string
+		for o := outcome(0); o < numOutcomes; o++ {
+			all = append(all, fmt.Sprintf("%s=%d", outcomeNames[o], s.m.st.get(o)))
+		}
+		t.Fatalf("%s after %s: got %d, want %d (%s; %s)", outcomeNames[k], waitLimit, s.m.st.get(k), n,
+			strings.Join(all, " "), s.stderr.String())
 	}
 	equal(t, s.m.st.get(k), n, outcomeNames[k])
 }
@@ -253,7 +258,7 @@ type chunked struct{ r io.Reader }
 func (c chunked) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 func TestCreateConfigDefaults(t *testing.T) {
-	want := &Config{Percent: 100, MirrorBody: true, MaxBodySize: 1 << 20, BodyBuffer: 1 << 20, StreamStall: "200ms", Timeout: "5s", MaxInflight: 100,
+	want := &Config{Percent: 100, MirrorBody: true, MaxBodySize: 1 << 20, BodyBuffer: 1 << 20, StreamStall: "1s", Timeout: "5s", MaxInflight: 100,
 		Compare: CompareConfig{MaxBodySize: 64 << 10, Percent: 100}}
 	if got := CreateConfig(); !reflect.DeepEqual(got, want) {
 		t.Errorf("CreateConfig(): got %+v, want %+v", got, want)

@@ -1,6 +1,7 @@
 package mirror
 
 import (
+	"context"
 	"errors"
 	"io"
 	"sync"
@@ -8,13 +9,14 @@ import (
 )
 
 // stream carries to the mirror a body that grew past bodyBuffer, as the primary reads it. The
-// tee writes what the primary reads into a ring of bodyBuffer bytes; a pump goroutine writes the
-// ring out through a pipe, which the copy's transport reads (a standard-library reader: compiled
-// code never calls into an interpreted one per chunk). When the ring is full, the primary's read
-// waits for room, at most streamStall in all per request; once that is spent, the copy is cut at
-// once and the primary goes on at full speed. A cut copy's body ends in an error, so that the
-// mirror sees a request that did not finish (a body shorter than its Content-Length, or a chunked
-// body without its last chunk, then the connection closed), never a complete one that differs.
+// tee writes what the primary reads into a ring of bodyBuffer bytes; the copy's transport reads
+// the ring (the stream is the copy's body: one interpreted Read per chunk the transport asks for,
+// 32 KiB, not per byte). When the ring is full, the primary's read waits for room, at most
+// streamStall in all per request; once that is spent, the copy is cut at once (its context is
+// cancelled, which closes its connection) and the primary goes on at full speed. A cut copy's
+// body ends in an error, so that the mirror sees a request that did not finish (a body shorter
+// than its Content-Length, or a chunked body without its last chunk, then the connection
+// closed), never a complete one that differs.
 //
 // No select (see PLUGIN-FACTS: Yaegi v0.16.1 shares a select's cases between goroutines): one
 // mutex and one condition, and a timer that wakes a waiting writer when its budget is spent.
@@ -23,9 +25,9 @@ type stream struct {
 	cond *sync.Cond // something changed: room, bytes, the end
 
 	ring  []byte
-	r, n  int   // the bytes not yet handed to the transport: n of them from ring[r], wrapping
+	r, n  int   // the bytes not yet read by the transport: n of them from ring[r], wrapping
 	total int64 // bytes the primary read, for maxBodySize
-	sent  int64 // bytes handed to the transport
+	sent  int64 // bytes the transport read
 	limit int64 // maxBodySize, -1: none
 
 	stall time.Duration // what is left of the primary's waiting
@@ -33,25 +35,21 @@ type stream struct {
 	woken bool          // the current wait's budget is spent
 
 	end     error   // io.EOF: the body is complete; otherwise why the copy was cut
-	outcome outcome // how a copy that did not end with its body counts
-	stopped bool    // the copy ended from its side (an answer, an error): nothing more goes out
+	outcome outcome // how a copy whose body was cut counts
+	stopped bool    // the copy's exchange is over (an answer, an error): nothing more is read
 
-	pr *io.PipeReader // the copy's body
-	pw *io.PipeWriter
+	cancel context.CancelFunc // the copy's deadline's: a cut ends the exchange at once
 }
 
-// errStopped ends the pipe of a copy that ended before its body: the mirror answered early, or
-// the copy failed.
+// errStopped is what a body read gets once the copy's exchange is over.
 var errStopped = errors.New("the copy ended before its body")
 
-// newStream starts a stream with the bytes held so far, and its pump.
-func newStream(m *mirror, held []byte) *stream {
-	s := &stream{ring: make([]byte, m.bodyBuffer), limit: m.maxBodySize, stall: m.streamStall, outcome: sent}
+// newStream starts a stream with the bytes held so far; cancel ends the copy's exchange.
+func newStream(m *mirror, held []byte, cancel context.CancelFunc) *stream {
+	s := &stream{ring: make([]byte, m.bodyBuffer), limit: m.maxBodySize, stall: m.streamStall, outcome: sent, cancel: cancel}
 	s.cond = sync.NewCond(&s.mu)
 	s.n = copy(s.ring, held)
 	s.total = int64(s.n)
-	s.pr, s.pw = io.Pipe()
-	go pump(s)
 	return s
 }
 
@@ -59,10 +57,18 @@ func newStream(m *mirror, held []byte) *stream {
 // never fails the primary: a copy that cannot follow is cut, and what comes after is dropped.
 func (s *stream) write(b []byte) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.end != nil || s.stopped {
-		return
+	if s.end == nil && !s.stopped {
+		s.put(b)
 	}
+	cut := s.end != nil && s.end != io.EOF
+	s.mu.Unlock()
+	if cut {
+		s.cancel()
+	}
+}
+
+// put is write's work, under mu.
+func (s *stream) put(b []byte) {
 	if s.limit >= 0 && s.total+int64(len(b)) > s.limit {
 		s.cut(errors.New("the body passed maxBodySize while it was streamed"), tooLarge)
 		return
@@ -83,12 +89,15 @@ func (s *stream) write(b []byte) {
 		k := copy(s.ring[w:w+room], b)
 		s.n += k
 		b = b[k:]
-		s.cond.Broadcast()
+		if s.n == k { // the transport may be waiting for bytes
+			s.cond.Broadcast()
+		}
 	}
 }
 
-// waitForRoom waits, within what is left of the budget, until the pump has made room or the
-// stream ended; it says whether the primary may go on writing.
+// waitForRoom waits, within what is left of the budget, until the transport has made room or
+// the stream ended; it says whether the primary may go on writing. (Any room: a writer that
+// waited for half the ring to empty waited longer in all, measured.)
 func (s *stream) waitForRoom() bool {
 	if s.stall <= 0 {
 		return false
@@ -116,7 +125,8 @@ func (s *stream) wake(wait int) {
 	s.mu.Unlock()
 }
 
-// cut ends the copy's body in an error, counted as outcome. The caller holds mu.
+// cut ends the copy's body in an error, counted as o. The caller holds mu, and cancels the
+// copy's exchange once it has let go of it.
 func (s *stream) cut(why error, o outcome) {
 	if s.end == nil {
 		s.end, s.outcome = why, o
@@ -134,17 +144,57 @@ func (s *stream) finish(err error, o outcome) {
 		s.end = io.EOF
 		s.cond.Broadcast()
 	}
+	cut := s.end != nil && s.end != io.EOF
 	s.mu.Unlock()
+	if cut {
+		s.cancel()
+	}
 }
 
-// stop ends the stream from the copy's side, once its exchange is over: nothing more is sent or
-// waited for, and the pump ends.
+// Read gives the copy's transport the bytes in the order they came: it waits for them, and
+// ends with io.EOF once the body is complete, or at once with the reason it was cut (what is
+// pending is not sent).
+func (s *stream) Read(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for s.n == 0 && s.end == nil && !s.stopped {
+		s.cond.Wait()
+	}
+	switch {
+	case s.stopped:
+		return 0, errStopped
+	case s.end != nil && s.end != io.EOF:
+		return 0, s.end
+	case s.n == 0:
+		return 0, io.EOF
+	}
+	k := s.n
+	if s.r+k > len(s.ring) {
+		k = len(s.ring) - s.r
+	}
+	k = copy(p, s.ring[s.r:s.r+k])
+	s.r = (s.r + k) % len(s.ring)
+	s.n -= k
+	s.sent += int64(k)
+	if s.n+k == len(s.ring) { // the ring was full: the writer may be waiting
+		s.cond.Broadcast()
+	}
+	return k, nil
+}
+
+// Close is the transport's, once it is done with the body.
+func (s *stream) Close() error {
+	s.stop()
+	return nil
+}
+
+// stop ends the stream from the copy's side, once its exchange is over: nothing more is read
+// or waited for.
 func (s *stream) stop() {
 	s.mu.Lock()
 	s.stopped = true
 	s.cond.Broadcast()
 	s.mu.Unlock()
-	_ = s.pr.CloseWithError(errStopped)
 }
 
 // result says how the copy of a stream that failed counts, and why: cut, tooLarge or skipped
@@ -158,55 +208,9 @@ func (s *stream) result() (outcome, error) {
 	return s.outcome, s.end
 }
 
-// copied is how many body bytes were handed to the copy's transport.
+// copied is how many body bytes the copy's transport read.
 func (s *stream) copied() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.sent
-}
-
-// pump hands the ring's bytes to the pipe in the order they came. It runs until the body is
-// complete and written, the copy is cut (at once: what is pending is not sent), or the copy
-// ended from its side.
-func pump(s *stream) {
-	defer func() { _ = recover() }() // a panic in a goroutine the plugin started would kill Traefik
-	s.mu.Lock()
-	for {
-		for s.n == 0 && s.end == nil && !s.stopped {
-			s.cond.Wait()
-		}
-		if s.stopped || s.end != nil && s.end != io.EOF || s.n == 0 {
-			end := s.end
-			s.mu.Unlock()
-			if end == io.EOF {
-				_ = s.pw.Close()
-			} else {
-				_ = s.pw.CloseWithError(pipeError(end))
-			}
-			return
-		}
-		k := s.n
-		if s.r+k > len(s.ring) {
-			k = len(s.ring) - s.r
-		}
-		chunk := s.ring[s.r : s.r+k] // the writer does not touch it until n drops
-		s.mu.Unlock()
-		_, err := s.pw.Write(chunk) // returns once the transport has read it all
-		s.mu.Lock()
-		s.r = (s.r + k) % len(s.ring)
-		s.n -= k
-		s.sent += int64(k)
-		s.cond.Broadcast()
-		if err != nil { // the transport stopped reading: the copy is over
-			s.stopped = true
-		}
-	}
-}
-
-// pipeError is what the copy's transport reads when its body ends in an error.
-func pipeError(end error) error {
-	if end == nil {
-		return errStopped
-	}
-	return end
 }

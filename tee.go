@@ -83,7 +83,7 @@ func (t *teeBody) observe(b []byte, err error) *stream {
 	}
 	if t.m.streams && len(t.c.body)+len(b) > t.m.bodyBuffer {
 		// Too large to hold: the copy leaves now with what came, and the rest follows it.
-		t.stream = newStream(t.m, t.c.body)
+		t.stream = newStream(t.m, t.c.body, t.c.cancel)
 		t.c.stream = t.stream
 		t.c.follows = true
 		t.c.body = nil
