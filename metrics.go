@@ -98,16 +98,20 @@ var labelValue = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
 // writeMetrics writes the families of the given middlewares in the Prometheus text format.
 func writeMetrics(w *bufio.Writer, all []*state) {
 	mw := make([]string, len(all))
-	ms := make([]measure, len(all)) // each middleware's, taken at once: its count and sum agree
 	for i, st := range all {
 		mw[i] = `middleware="` + labelValue.Replace(st.name) + `"`
-		ms[i] = st.measured()
 	}
 	family(w, "traefik_mirror_requests_total", "counter", "Requests seen by the mirroring middleware, by what became of their copy.")
 	for i, st := range all {
 		for k := outcome(0); k < numOutcomes; k++ {
 			sample(w, "traefik_mirror_requests_total", mw[i]+`,outcome="`+outcomeNames[k]+`"`, st.get(k))
 		}
+	}
+	// Each middleware's measures, taken at once (a histogram's count and sum agree) and after its
+	// outcomes: a copy is measured before it is counted, so every copy counted above is in them.
+	ms := make([]measure, len(all))
+	for i, st := range all {
+		ms[i] = st.measured()
 	}
 	family(w, "traefik_mirror_copy_duration_seconds", "histogram", "Time from sending a copy to the end of the mirror's answer or the failure.")
 	for i := range all {
