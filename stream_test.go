@@ -132,7 +132,7 @@ func TestSlowMirrorCutsTheStreamedCopy(t *testing.T) {
 	// through Traefik, next to the same upload without the middleware
 	// (tests/stream_test.go, TestTraefikStreamSlowMirrorIsCut): under -race, with this package's
 	// tests in parallel, the upload's own time here varies by seconds.
-	code, _ := s.do(t, mustRequest(t, http.MethodPost, s.front.URL+"/big", bytes.NewReader(body)))
+	code, _ := s.do(t, postRequest(t, s.front.URL+"/big", bytes.NewReader(body)))
 	equal(t, code, http.StatusOK, "status")
 	got := s.primary.next(t)
 	equal(t, sha256.Sum256(got.body), sha256.Sum256(body), "the primary's body")
@@ -167,7 +167,7 @@ func TestEarlyAnswerEndsTheStreamedCopy(t *testing.T) {
 	s := newStack(t, cfg, nil)
 	body := randomBytes(t, 8<<20)
 	for i := 1; i <= 2; i++ {
-		code, _ := s.do(t, mustRequest(t, http.MethodPost, s.front.URL+"/early", bytes.NewReader(body)))
+		code, _ := s.do(t, postRequest(t, s.front.URL+"/early", bytes.NewReader(body)))
 		equal(t, code, http.StatusOK, "status")
 		got := s.primary.next(t)
 		equal(t, sha256.Sum256(got.body), sha256.Sum256(body), "the primary's body")
@@ -185,7 +185,7 @@ func TestClientGoneMidStreamLeavesNoCompleteCopy(t *testing.T) {
 	cfg.URL = mirrorSrv.URL
 	s := newStack(t, cfg, nil)
 	pr, pw := io.Pipe()
-	req := mustRequest(t, http.MethodPost, s.front.URL+"/gone", pr)
+	req := postRequest(t, s.front.URL+"/gone", pr)
 	req.ContentLength = 16 << 20
 	go func() {
 		_, _ = pw.Write(make([]byte, 4<<20))
@@ -218,7 +218,7 @@ func TestStreamedBodyPastMaxBodySize(t *testing.T) {
 	cfg.URL = mirrorSrv.URL
 	s := newStack(t, cfg, nil)
 	body := randomBytes(t, 4<<20)
-	code, _ := s.do(t, mustRequest(t, http.MethodPost, s.front.URL+"/grows", chunked{bytes.NewReader(body)}))
+	code, _ := s.do(t, postRequest(t, s.front.URL+"/grows", chunked{bytes.NewReader(body)}))
 	equal(t, code, http.StatusOK, "status")
 	equal(t, len(s.primary.next(t).body), len(body), "the primary's body")
 	s.waitOutcome(t, tooLarge, 1)
@@ -231,7 +231,7 @@ func TestStreamedBodyPastMaxBodySize(t *testing.T) {
 func TestEmptyChunkedBodyIsCopied(t *testing.T) {
 	t.Parallel()
 	s := newStack(t, streamConfig("5s"), nil)
-	code, _ := s.do(t, mustRequest(t, http.MethodPost, s.front.URL+"/empty", chunked{strings.NewReader("")}))
+	code, _ := s.do(t, postRequest(t, s.front.URL+"/empty", chunked{strings.NewReader("")}))
 	equal(t, code, http.StatusOK, "status")
 	got := s.mirror.next(t)
 	noError(t, got.bodyErr)
@@ -239,9 +239,9 @@ func TestEmptyChunkedBodyIsCopied(t *testing.T) {
 	s.waitOutcome(t, sent, 1)
 }
 
-func mustRequest(t *testing.T, method, url string, body io.Reader) *http.Request {
+func postRequest(t *testing.T, url string, body io.Reader) *http.Request {
 	t.Helper()
-	req, err := http.NewRequest(method, url, body)
+	req, err := http.NewRequest(http.MethodPost, url, body)
 	noError(t, err)
 	return req
 }
