@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"testing"
 
 	"github.com/compose-spec/compose-go/v2/loader"
@@ -143,11 +144,20 @@ func TestExampleDockerCompose(t *testing.T) {
 	fromLabels := decodePluginConfig(t, mw.Plugin["mirror"])
 	_, fromFile := fileExample(t)
 	assert.Equal(t, "http://mirror:8080", fromLabels.URL)
-	fromLabels.URL = fromFile.URL
+	// Metrics on every address of the container, published on the host's loopback: a scraper on
+	// the host reaches them (127.0.0.1 in the container would be the container's own loopback).
+	assert.Equal(t, ":8082", fromLabels.MetricsAddress)
+	published := false
+	for _, p := range traefik.Ports {
+		published = published || p.Target == 8082 && p.Published == "8082" && p.HostIP == "127.0.0.1"
+	}
+	assert.True(t, published, "the metrics port published on 127.0.0.1:8082")
+	fromLabels.URL, fromLabels.MetricsAddress = fromFile.URL, fromFile.MetricsAddress
 	assert.Equal(t, fromFile, fromLabels)
 	assert.Equal(t, []string{"mirror-api"}, conf.HTTP.Routers["api"].Middlewares)
 	shadow := decodePluginConfig(t, conf.HTTP.Middlewares["mirror-shadow"].Plugin["mirror"])
 	assert.Equal(t, map[string]string{"X-Api-Key": "shadow-key"}, shadow.SetHeaders)
+	assert.Equal(t, ":8082", shadow.MetricsAddress, "one listener for both")
 	checkShadow(t, "labels", shadow)
 
 	mirrorSvc, _ := project.GetService("mirror")
@@ -205,9 +215,27 @@ func TestExampleKubernetes(t *testing.T) {
 				Version    string `json:"version"`
 			} `json:"plugins"`
 		} `json:"experimental"`
+		Ports map[string]struct {
+			Port   int `json:"port"`
+			Expose struct {
+				Default bool `json:"default"`
+			} `json:"expose"`
+			Protocol string `json:"protocol"`
+		} `json:"ports"`
+		Deployment struct {
+			PodAnnotations map[string]string `json:"podAnnotations"`
+		} `json:"deployment"`
 	}
 	require.NoError(t, yaml.UnmarshalStrict(read("traefik-values.yaml"), &values))
 	plugin := values.Experimental.Plugins["mirror"]
 	assert.Equal(t, harness.ModulePath, plugin.ModuleName)
 	assert.Regexp(t, `^v\d+\.\d+\.\d+$`, plugin.Version)
+	// The metrics port the middleware serves on (":8082", checked above), declared and scraped,
+	// not exposed.
+	port := "8082"
+	metricsPort := values.Ports["mirror-metrics"]
+	assert.Equal(t, port, strconv.Itoa(metricsPort.Port), "the declared port is the one metricsAddress names")
+	assert.False(t, metricsPort.Expose.Default, "the metrics port is not exposed by the Service")
+	assert.Equal(t, map[string]string{"prometheus.io/scrape": "true", "prometheus.io/port": port, "prometheus.io/path": "/metrics"},
+		values.Deployment.PodAnnotations)
 }
