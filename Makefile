@@ -15,10 +15,12 @@ unit:
 	# fails with "context deadline exceeded" and no crasher (golang/go#75804, fixed in Go 1.27).
 	go test -run '^$$' -fuzz FuzzCopyTarget -fuzztime 20000x .
 
+# The suite's results come last, then the tests it skipped and why (cmd/testsummary reads go
+# test -json: a skip, such as the Prometheus test without Debian's prometheus, is easy to miss).
 integration: traefik
-	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) go test -race -count=1 -timeout 20m ./...
 	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) DEMO_ONCE=1 go run ./cmd/demo
 	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) DEMO_ONCE=1 go run ./cmd/demo -compare
+	cd tests && TRAEFIK_BIN=$$(../scripts/traefik.sh) go test -race -count=1 -timeout 20m -json ./... 2>&1 | go run ./cmd/testsummary
 
 # Traefik with the plugin mirroring live traffic on 127.0.0.1, until Ctrl-C.
 demo: traefik

@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -184,6 +185,9 @@ func run() error {
 		if err := showComparison(traefik, differences); err != nil {
 			return err
 		}
+		if err := ignoreNoise(traefik, differences); err != nil {
+			return err
+		}
 	}
 
 	if once {
@@ -270,6 +274,66 @@ func showComparison(traefik *harness.Traefik, differences string) error {
 	}
 	return nil
 }
+
+// ignoreNoise takes the summary's advice: it reloads the middleware with the noisy field in
+// compare.ignoreJSONPaths, as a person would edit the dynamic configuration, and shows that the
+// difference lines then name the real difference alone.
+func ignoreNoise(traefik *harness.Traefik, differences string) error {
+	noisy := regexp.MustCompile(`probable noise: ([A-Za-z0-9_.*]+) differed`).FindStringSubmatch(traefik.Log())
+	if noisy == nil {
+		return fmt.Errorf("the summary names no noisy field")
+	}
+	fmt.Printf("\nNext step: the summary says %s is noise. Ignoring it (a reload of the dynamic configuration):\n", noisy[1])
+	fmt.Printf("  compare:\n    enabled: true\n    logFile: %s\n    ignoreJSONPaths: [%s]\n", differences, noisy[1])
+	d, err := harness.ExampleDynamic()
+	if err != nil {
+		return err
+	}
+	d.Mirror("mirror-api", map[string]any{"compare": map[string]any{"enabled": true, "logFile": differences, "ignoreJSONPaths": []string{noisy[1]}}})
+	if err := traefik.SetDynamic(d.YAML()); err != nil {
+		return err
+	}
+	// Traefik reloads a moment later: until the new middleware serves, lines still name the noise.
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the difference lines still name %s after the reload", noisy[1])
+		}
+		before := lineCount(differences)
+		resp, err := http.Get(traefik.WebURL + "/api/orders/42") // the one order priced differently
+		if err != nil {
+			return err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		line := ""
+		for wait := time.Now().Add(5 * time.Second); line == "" && time.Now().Before(wait); time.Sleep(20 * time.Millisecond) {
+			if lines := readLines(differences); len(lines) > before {
+				line = lines[len(lines)-1]
+			}
+		}
+		if line == "" {
+			return fmt.Errorf("no difference line for a request after the reload")
+		}
+		if !strings.Contains(line, `"name":"`+noisy[1]+`"`) {
+			fmt.Println("\nThe next difference line names the real difference alone (the price, 4.5 against 4.9):")
+			fmt.Println("  " + line)
+			fmt.Printf("\nDifference lines go to compare.logFile (here %s), one JSON object per line;\n", differences)
+			fmt.Println("without logFile, to Traefik's log at ERROR level. The summary lines go to Traefik's log.")
+			return nil
+		}
+	}
+}
+
+func readLines(path string) []string {
+	b, err := os.ReadFile(path)
+	if err != nil || len(bytes.TrimSpace(b)) == 0 {
+		return nil
+	}
+	return strings.Split(strings.TrimSpace(string(b)), "\n")
+}
+
+func lineCount(path string) int { return len(readLines(path)) }
 
 func query(q string) string {
 	if q == "" {
