@@ -23,6 +23,7 @@ import (
 	"github.com/traefik/traefik/v3/pkg/provider/kubernetes/crd/traefikio/v1alpha1"
 	yamlv3 "gopkg.in/yaml.v3"
 	networkingv1 "k8s.io/api/networking/v1"
+	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	"sigs.k8s.io/yaml"
 )
 
@@ -164,6 +165,31 @@ func TestExampleDockerCompose(t *testing.T) {
 	port := mirrorSvc.Environment["HTTP_PORT"]
 	require.NotNil(t, port)
 	assert.Equal(t, "8080", *port, "the mirror listens where the middleware sends")
+}
+
+// TestExampleGatewayAPI: the HTTPRoute mirrors through the Middleware, by an ExtensionRef filter
+// (Traefik implements no RequestMirror filter), decoded with the Gateway API's own types.
+func TestExampleGatewayAPI(t *testing.T) {
+	raw, err := os.ReadFile(examplePath("kubernetes", "httproute.yaml"))
+	require.NoError(t, err)
+	var route gatewayv1.HTTPRoute
+	require.NoError(t, yaml.UnmarshalStrict(raw, &route))
+	assert.Equal(t, "gateway.networking.k8s.io/v1", route.APIVersion)
+	assert.Equal(t, "HTTPRoute", route.Kind)
+	raw, err = os.ReadFile(examplePath("kubernetes", "middleware.yaml"))
+	require.NoError(t, err)
+	var mw v1alpha1.Middleware
+	require.NoError(t, yaml.UnmarshalStrict(raw, &mw))
+	require.Len(t, route.Spec.Rules, 1)
+	require.Len(t, route.Spec.Rules[0].Filters, 1)
+	f := route.Spec.Rules[0].Filters[0]
+	assert.Equal(t, gatewayv1.HTTPRouteFilterExtensionRef, f.Type)
+	require.NotNil(t, f.ExtensionRef)
+	assert.Equal(t, gatewayv1.Group("traefik.io"), f.ExtensionRef.Group)
+	assert.Equal(t, gatewayv1.Kind("Middleware"), f.ExtensionRef.Kind)
+	assert.Equal(t, mw.Name, string(f.ExtensionRef.Name), "the route names the mirror Middleware")
+	assert.Equal(t, mw.Namespace, route.Namespace, "an ExtensionRef is local to the route's namespace")
+	require.Len(t, route.Spec.Rules[0].BackendRefs, 1)
 }
 
 func TestExampleKubernetes(t *testing.T) {
