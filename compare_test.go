@@ -349,3 +349,20 @@ func TestCompareLogFileReopensAfterRotation(t *testing.T) {
 	noError(t, err)
 	equal(t, string(current), "{\"n\":2}\n", "the file at the path")
 }
+
+// The differences by field, for the metrics: a series for each of the first maxFieldSeries
+// fields, kept; the rest counted by kind under "other".
+func TestCompareFieldCounts(t *testing.T) {
+	cs := &compareStats{noise: map[string]*noiseCount{}}
+	for i := 0; i < maxFieldSeries+5; i++ {
+		cs.record(0, 0, false, []difference{{Kind: "json", Name: fmt.Sprintf("f%d", i)}, {Kind: "status"}})
+	}
+	cs.record(0, 0, false, []difference{{Kind: "json", Name: "f0"}, {Kind: "header", Name: "Etag"}, {Kind: "json", Name: "items.3.id"}, {Kind: "json", Name: "items.4.id"}})
+	counts := cs.fieldCounts()
+	equal(t, len(counts), maxFieldSeries+2, "series: the first fields, then json and header under other")
+	equal(t, counts[0], fieldCount{"json", "f0", 2}, "the first field, counted twice")
+	equal(t, counts[1], fieldCount{"status", "status", maxFieldSeries + 5}, "the status, a field of its own")
+	equal(t, counts[maxFieldSeries], fieldCount{"header", "other", 1}, "a header past the bound")
+	// f0..f18 and the status took the 20 series: f19..f24 and items.*.id (once per answer) are other.
+	equal(t, counts[maxFieldSeries+1], fieldCount{"json", "other", 6 + 1}, "json fields past the bound")
+}

@@ -21,7 +21,17 @@ type compareStats struct {
 	noise           map[string]*noiseCount // differences by field ("json meta.timestamp", "header Etag")
 	primary, mirror []float64              // latency rings, in seconds
 	next            int
+
+	// For the metrics: the answers in which each field differed, for the first maxFieldSeries
+	// fields (a series each, kept for the life of the process: a counter that comes and goes
+	// would read as resets), then by kind alone (name "other").
+	fields     map[string]int64 // by noise key
+	fieldOrder []string
+	others     map[string]int64 // by kind
 }
+
+// maxFieldSeries bounds the per-field series of traefik_mirror_differences_total, per middleware.
+const maxFieldSeries = 20
 
 func enableCompare(st *state) {
 	if st.compare.Load() == nil {
@@ -66,8 +76,54 @@ func (cs *compareStats) record(prim, mir time.Duration, headersOnly bool, diffs 
 		if !seen[key] {
 			seen[key] = true
 			cs.countNoise(key, compared)
+			cs.countField(key, d.Kind)
 		}
 	}
+}
+
+// countField counts one answer in which a field differed, for the metrics. The caller holds mu.
+func (cs *compareStats) countField(key, kind string) {
+	if cs.fields == nil {
+		cs.fields, cs.others = map[string]int64{}, map[string]int64{}
+	}
+	if _, ok := cs.fields[key]; ok || len(cs.fields) < maxFieldSeries {
+		if !ok {
+			cs.fieldOrder = append(cs.fieldOrder, key)
+		}
+		cs.fields[key]++
+		return
+	}
+	cs.others[kind]++
+}
+
+// fieldCount is one series of traefik_mirror_differences_total.
+type fieldCount struct {
+	kind, name string
+	n          int64
+}
+
+// fieldCounts gives the per-field counts, in the order the fields first differed, then the
+// others by kind.
+func (cs *compareStats) fieldCounts() []fieldCount {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	var all []fieldCount
+	for _, key := range cs.fieldOrder {
+		kind, name, _ := strings.Cut(key, " ")
+		if name == "" {
+			name = kind // a status or a body: the kind is the field
+		}
+		all = append(all, fieldCount{kind, name, cs.fields[key]})
+	}
+	kinds := make([]string, 0, len(cs.others))
+	for kind := range cs.others {
+		kinds = append(kinds, kind)
+	}
+	sort.Strings(kinds)
+	for _, kind := range kinds {
+		all = append(all, fieldCount{kind, "other", cs.others[kind]})
+	}
+	return all
 }
 
 // noiseCount counts the answers in which one field differed, since it was first counted.

@@ -157,4 +157,14 @@ func writeMetrics(w *bufio.Writer, all []*state) {
 			sample(w, "traefik_mirror_compared_total", mw[i]+`,result="`+resultNames[r]+`"`, n)
 		}
 	}
+	family(w, "traefik_mirror_differences_total", "counter",
+		"Compared answers in which a field differed, by kind and name: the first 20 fields of each middleware, then the rest by kind under name=\"other\".")
+	for i, st := range all {
+		if cs, _ := st.compare.Load().(*compareStats); cs != nil {
+			for _, f := range cs.fieldCounts() {
+				sample(w, "traefik_mirror_differences_total",
+					mw[i]+`,kind="`+f.kind+`",name="`+labelValue.Replace(f.name)+`"`, f.n)
+			}
+		}
+	}
 }

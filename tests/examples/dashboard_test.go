@@ -26,10 +26,14 @@ import (
 
 // servedSeries runs the compiled plugin with metricsAddress on a free port, sends one copy
 // through it (so that every family has a sample), scrapes the endpoint, and returns each series
-// name it serves (a histogram's _bucket, _sum and _count) with the label names it carries.
+// name it serves (a histogram's _bucket, _sum and _count) with the label names it carries. The
+// copy is compared, and the mirror answers what the primary does not, so that the differences
+// have a sample too.
 func servedSeries(t *testing.T) map[string]map[string]bool {
 	t.Helper()
-	upstream, err := harness.StartUpstream("127.0.0.1:0", 10, nil)
+	upstream, err := harness.StartUpstream("127.0.0.1:0", 10, func(rw http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(rw, "another answer") // not the primary's: a difference
+	})
 	require.NoError(t, err)
 	t.Cleanup(upstream.Close)
 	addrs, err := harness.FreeAddrs(1)
@@ -37,13 +41,16 @@ func servedSeries(t *testing.T) map[string]map[string]bool {
 	cfg := mirror.CreateConfig()
 	cfg.URL = upstream.URL
 	cfg.MetricsAddress = addrs[0]
-	h, err := mirror.New(context.Background(), http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}), cfg, "dashboard@test")
+	cfg.Compare.Enabled = true
+	h, err := mirror.New(context.Background(), http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(rw, "an answer")
+	}), cfg, "dashboard@test")
 	require.NoError(t, err)
 	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "/dashboard", nil))
 
 	var families map[string]*dto.MetricFamily
 	var last string
-	require.Eventually(t, func() bool {
+	scraped := assert.Eventually(t, func() bool {
 		resp, err := http.Get("http://" + addrs[0] + "/metrics")
 		if err != nil {
 			return false
@@ -60,9 +67,11 @@ func servedSeries(t *testing.T) map[string]map[string]bool {
 			last = err.Error() + "\n" + last
 			return false
 		}
-		return families["traefik_mirror_responses_total"] != nil && len(families["traefik_mirror_copy_duration_seconds"].GetMetric()) > 0 &&
+		return families["traefik_mirror_responses_total"] != nil && families["traefik_mirror_differences_total"] != nil &&
+			len(families["traefik_mirror_copy_duration_seconds"].GetMetric()) > 0 &&
 			families["traefik_mirror_copy_duration_seconds"].GetMetric()[0].GetHistogram().GetSampleCount() > 0
-	}, 10*time.Second, 10*time.Millisecond, "no copy in the scrape:\n%s", &last)
+	}, 10*time.Second, 10*time.Millisecond)
+	require.True(t, scraped, "no copy in the scrape:\n%s", last)
 
 	series := map[string]map[string]bool{}
 	add := func(name string, m *dto.Metric, extra ...string) {
