@@ -126,7 +126,7 @@ func compareAnswer(ctx context.Context, m *mirror, c *copyRequest, resp *http.Re
 		meant(w, mir)
 	}
 	if !w.over && !mir.over && sameAnswer(m.compare, w, mir) {
-		st.latencies(w.latency, mir.latency)
+		st.latencies(w.latency, mir.latency, w.code, mir.code)
 		atomic.AddInt64(&st.results[matched], 1)
 		return
 	}
@@ -237,7 +237,7 @@ func judge(m *mirror, c *copyRequest, st *compareStats, mir *side) {
 	w := c.capture
 	prim := side{code: w.code, header: w.header, body: w.body, over: w.over, latency: w.latency}
 	diffs, headersOnly := differences(m.compare, prim, *mir)
-	st.record(prim.latency, mir.latency, headersOnly, diffs)
+	st.record(prim.latency, mir.latency, prim.code, mir.code, headersOnly, diffs)
 	if len(diffs) == 0 {
 		atomic.AddInt64(&st.results[matched], 1)
 		return

@@ -201,7 +201,7 @@ func TestNoiseSummary(t *testing.T) {
 		if i%4 == 0 {
 			diffs = append(diffs, difference{Kind: "json", Name: "price"})
 		}
-		cs.record(time.Duration(i)*time.Millisecond, 2*time.Duration(i)*time.Millisecond, false, diffs)
+		cs.record(time.Duration(i)*time.Millisecond, 2*time.Duration(i)*time.Millisecond, 200, 200, false, diffs)
 		cs.results[differed]++
 	}
 	got := cs.summary()
@@ -355,9 +355,9 @@ func TestCompareLogFileReopensAfterRotation(t *testing.T) {
 func TestCompareFieldCounts(t *testing.T) {
 	cs := &compareStats{noise: map[string]*noiseCount{}}
 	for i := 0; i < maxFieldSeries+5; i++ {
-		cs.record(0, 0, false, []difference{{Kind: "json", Name: fmt.Sprintf("f%d", i)}, {Kind: "status"}})
+		cs.record(0, 0, 200, 200, false, []difference{{Kind: "json", Name: fmt.Sprintf("f%d", i)}, {Kind: "status"}})
 	}
-	cs.record(0, 0, false, []difference{{Kind: "json", Name: "f0"}, {Kind: "header", Name: "Etag"}, {Kind: "json", Name: "items.3.id"}, {Kind: "json", Name: "items.4.id"}})
+	cs.record(0, 0, 200, 200, false, []difference{{Kind: "json", Name: "f0"}, {Kind: "header", Name: "Etag"}, {Kind: "json", Name: "items.3.id"}, {Kind: "json", Name: "items.4.id"}})
 	counts := cs.fieldCounts()
 	equal(t, len(counts), maxFieldSeries+2, "series: the first fields, then json and header under other")
 	equal(t, counts[0], fieldCount{"json", "f0", 2}, "the first field, counted twice")

@@ -28,7 +28,16 @@ type compareStats struct {
 	fields     map[string]int64 // by noise key
 	fieldOrder []string
 	others     map[string]int64 // by kind
+
+	// For the metrics, each side of every compared exchange (0: the primary, 1: the mirror): its
+	// answers by status class (1xx to 5xx), its latency in durationBuckets, and their sum.
+	classes   [2][6]int64
+	durations [2][12]int64
+	sums      [2]int64 // nanoseconds
 }
+
+// sideNames are the values of the side label.
+var sideNames = [2]string{"primary", "mirror"}
 
 // maxFieldSeries bounds the per-field series of traefik_mirror_differences_total, per middleware.
 const maxFieldSeries = 20
@@ -57,10 +66,10 @@ func noiseKey(d difference) string {
 	return d.Kind
 }
 
-// record counts one comparison: its latencies, whether its body was compared, and which fields
-// differed.
-func (cs *compareStats) record(prim, mir time.Duration, headersOnly bool, diffs []difference) {
-	cs.latencies(prim, mir)
+// record counts one comparison: its latencies and statuses, whether its body was compared, and
+// which fields differed.
+func (cs *compareStats) record(prim, mir time.Duration, primCode, mirCode int, headersOnly bool, diffs []difference) {
+	cs.latencies(prim, mir, primCode, mirCode)
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	if headersOnly {
@@ -94,6 +103,26 @@ func (cs *compareStats) countField(key, kind string) {
 		return
 	}
 	cs.others[kind]++
+}
+
+// side counts one side's answer for the metrics. The caller holds mu.
+func (cs *compareStats) side(i int, d time.Duration, code int) {
+	b := 0
+	for b < len(durationBounds) && int64(d) > durationBounds[b] {
+		b++
+	}
+	cs.durations[i][b]++
+	cs.sums[i] += int64(d)
+	if class := code / 100; class >= 1 && class <= 5 {
+		cs.classes[i][class]++
+	}
+}
+
+// sides is a snapshot of both sides' counts for the metrics.
+func (cs *compareStats) sides() (classes [2][6]int64, durations [2][12]int64, sums [2]int64) {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	return cs.classes, cs.durations, cs.sums
 }
 
 // fieldCount is one series of traefik_mirror_differences_total.
@@ -158,9 +187,11 @@ func (cs *compareStats) countNoise(key string, compared int64) {
 }
 
 // latencies keeps both sides' latencies of one comparison, for the percentiles.
-func (cs *compareStats) latencies(prim, mir time.Duration) {
+func (cs *compareStats) latencies(prim, mir time.Duration, primCode, mirCode int) {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
+	cs.side(0, prim, primCode)
+	cs.side(1, mir, mirCode)
 	if len(cs.primary) < latencyRing {
 		cs.primary = append(cs.primary, prim.Seconds())
 		cs.mirror = append(cs.mirror, mir.Seconds())

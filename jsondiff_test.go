@@ -122,7 +122,7 @@ func TestHeaderDifferencesAreCapped(t *testing.T) {
 func TestNoiseLearnedLate(t *testing.T) {
 	cs := &compareStats{noise: map[string]*noiseCount{}}
 	judged := func(diffs ...difference) {
-		cs.record(0, 0, false, diffs)
+		cs.record(0, 0, 200, 200, false, diffs)
 		cs.results[differed]++
 	}
 	for i := 0; i < 128; i++ { // random keys fill the table
@@ -148,7 +148,7 @@ func TestNoiseKeysAreBounded(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		key := strings.Repeat(fmt.Sprint(i), 1<<20)
 		diffs, _ := differences(cmp, jsonSide(200, `{"`+key+`":1}`), jsonSide(200, `{"`+key+`":2}`))
-		cs.record(0, 0, false, diffs)
+		cs.record(0, 0, 200, 200, false, diffs)
 	}
 	for key := range cs.noise {
 		if len(key) > maxValue+16 {

@@ -157,6 +157,44 @@ func writeMetrics(w *bufio.Writer, all []*state) {
 			sample(w, "traefik_mirror_compared_total", mw[i]+`,result="`+resultNames[r]+`"`, n)
 		}
 	}
+	family(w, "traefik_mirror_compared_answers_total", "counter",
+		"Answers of the compared exchanges, by side (the primary's or the mirror's) and status class: the shadow's error rate against the primary's.")
+	for i, st := range all {
+		cs, _ := st.compare.Load().(*compareStats)
+		var classes [2][6]int64
+		if cs != nil {
+			classes, _, _ = cs.sides()
+		}
+		for s, side := range sideNames {
+			for class := 1; class <= 5; class++ {
+				sample(w, "traefik_mirror_compared_answers_total",
+					mw[i]+`,side="`+side+`",class="`+strconv.Itoa(class)+`xx"`, classes[s][class])
+			}
+		}
+	}
+	family(w, "traefik_mirror_compared_duration_seconds", "histogram",
+		"Latency of each side of the compared exchanges: the primary's, from the request to the end of its answer; the mirror's, from sending the copy to the end of its answer.")
+	for i, st := range all {
+		cs, _ := st.compare.Load().(*compareStats)
+		var durations [2][12]int64
+		var sums [2]int64
+		if cs != nil {
+			_, durations, sums = cs.sides()
+		}
+		for s, side := range sideNames {
+			labels := mw[i] + `,side="` + side + `"`
+			var cumulative int64
+			for b, bound := range durationBuckets {
+				cumulative += durations[s][b]
+				sample(w, "traefik_mirror_compared_duration_seconds_bucket", labels+`,le="`+strconv.FormatFloat(bound, 'g', -1, 64)+`"`, cumulative)
+			}
+			cumulative += durations[s][len(durationBuckets)]
+			sample(w, "traefik_mirror_compared_duration_seconds_bucket", labels+`,le="+Inf"`, cumulative)
+			sum := float64(sums[s]) / float64(time.Second)
+			_, _ = w.WriteString("traefik_mirror_compared_duration_seconds_sum{" + labels + "} " + strconv.FormatFloat(sum, 'g', -1, 64) + "\n")
+			sample(w, "traefik_mirror_compared_duration_seconds_count", labels, cumulative)
+		}
+	}
 	family(w, "traefik_mirror_differences_total", "counter",
 		"Compared answers in which a field differed, by kind and name: the first 20 fields of each middleware, then the rest by kind under name=\"other\".")
 	for i, st := range all {

@@ -573,24 +573,28 @@ func TestTraefikMaxRate(t *testing.T) {
 	assert.Equal(t, int(sent), e.mirror.Count())
 }
 
-// A real Prometheus server scrapes the endpoint and reports the count.
-func TestPrometheusScrapesMetrics(t *testing.T) {
+// prometheus is a real Prometheus server scraping targets every second, and its query API.
+type prometheus struct {
+	exited <-chan struct{}
+	logs   *harness.SyncBuffer
+	web    string
+}
+
+// startPrometheus starts /usr/bin/prometheus (Debian's package, which .ci/run installs) scraping
+// the metrics endpoints at targets, or skips the test without it. It is stopped, by its PID,
+// when the test ends.
+func startPrometheus(t *testing.T, targets ...string) *prometheus {
+	t.Helper()
 	const bin = "/usr/bin/prometheus"
 	if _, err := os.Stat(bin); err != nil {
 		t.Skipf("no Prometheus server at %s (Debian package prometheus: apt-get install -y prometheus): %v", bin, err)
 	}
-	metrics := freeAddr(t)
-	d := exampleDynamic(t)
-	d.Mirror("mirror-api", map[string]any{"metricsAddress": metrics})
-	e := startE2EWith(t, e2eOpts{dynamic: d})
-	const n = 15
-	for i := 0; i < n; i++ {
-		e.send(t, http.MethodGet, "/p/"+strconv.Itoa(i), nil)
-	}
-	waitScrape(t, metrics, func(s *scrape) bool { return s.outcome("mirror-api@file", "sent") == n }, "sent")
-
 	dir := t.TempDir()
-	web := freeAddr(t)
+	p := &prometheus{logs: &harness.SyncBuffer{}, web: freeAddr(t)}
+	quoted := make([]string, len(targets))
+	for i, target := range targets {
+		quoted[i] = strconv.Quote(target)
+	}
 	config := fmt.Sprintf(`global:
   scrape_interval: 1s
   scrape_timeout: 1s
@@ -598,16 +602,16 @@ func TestPrometheusScrapesMetrics(t *testing.T) {
 scrape_configs:
   - job_name: traefik-mirror
     static_configs:
-      - targets: [%q]
-`, metrics)
+      - targets: [%s]
+`, strings.Join(quoted, ", "))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(config), 0o644))
-	logs := &harness.SyncBuffer{}
 	cmd := exec.Command(bin, "--config.file="+filepath.Join(dir, "prometheus.yml"),
-		"--storage.tsdb.path="+filepath.Join(dir, "data"), "--web.listen-address="+web, "--log.level=warn")
-	cmd.Stdout, cmd.Stderr = logs, logs
+		"--storage.tsdb.path="+filepath.Join(dir, "data"), "--web.listen-address="+p.web, "--log.level=warn")
+	cmd.Stdout, cmd.Stderr = p.logs, p.logs
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	require.NoError(t, cmd.Start())
 	exited := make(chan struct{})
+	p.exited = exited
 	go func() { _ = cmd.Wait(); close(exited) }()
 	t.Cleanup(func() {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
@@ -618,47 +622,65 @@ scrape_configs:
 			<-exited
 		}
 		if t.Failed() {
-			t.Logf("prometheus log:\n%s", logs)
+			t.Logf("prometheus log:\n%s", p.logs)
 		}
 	})
+	return p
+}
 
-	query := func(q string) (map[string]string, error) {
-		resp, err := http.Get("http://" + web + "/api/v1/query?query=" + url.QueryEscape(q))
-		if err != nil {
-			return nil, err
-		}
-		defer resp.Body.Close()
-		var out struct {
-			Status string `json:"status"`
-			Data   struct {
-				Result []struct {
-					Metric map[string]string `json:"metric"`
-					Value  [2]any            `json:"value"`
-				} `json:"result"`
-			} `json:"data"`
-		}
-		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-			return nil, err
-		}
-		if out.Status != "success" {
-			return nil, fmt.Errorf("%s: status %s", q, out.Status)
-		}
-		got := map[string]string{}
-		for _, r := range out.Data.Result {
-			got[r.Metric["middleware"]] = fmt.Sprint(r.Value[1])
-		}
-		return got, nil
+// query runs an instant query and gives each result's value by its middleware label.
+func (p *prometheus) query(q string) (map[string]string, error) {
+	select {
+	case <-p.exited:
+		return nil, fmt.Errorf("prometheus exited:\n%s", p.logs)
+	default:
 	}
+	resp, err := http.Get("http://" + p.web + "/api/v1/query?query=" + url.QueryEscape(q))
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var out struct {
+		Status string `json:"status"`
+		Error  string `json:"error"`
+		Data   struct {
+			Result []struct {
+				Metric map[string]string `json:"metric"`
+				Value  [2]any            `json:"value"`
+			} `json:"result"`
+		} `json:"data"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		return nil, err
+	}
+	if out.Status != "success" {
+		return nil, fmt.Errorf("%s: status %s: %s", q, out.Status, out.Error)
+	}
+	got := map[string]string{}
+	for _, r := range out.Data.Result {
+		got[r.Metric["middleware"]] = fmt.Sprint(r.Value[1])
+	}
+	return got, nil
+}
+
+// A real Prometheus server scrapes the endpoint and reports the count.
+func TestPrometheusScrapesMetrics(t *testing.T) {
+	metrics := freeAddr(t)
+	p := startPrometheus(t, metrics)
+	d := exampleDynamic(t)
+	d.Mirror("mirror-api", map[string]any{"metricsAddress": metrics})
+	e := startE2EWith(t, e2eOpts{dynamic: d})
+	const n = 15
+	for i := 0; i < n; i++ {
+		e.send(t, http.MethodGet, "/p/"+strconv.Itoa(i), nil)
+	}
+	waitScrape(t, metrics, func(s *scrape) bool { return s.outcome("mirror-api@file", "sent") == n }, "sent")
+
 	deadline := time.Now().Add(30 * time.Second)
 	var last map[string]string
 	var lastErr error
 	for {
-		select {
-		case <-exited:
-			t.Fatalf("prometheus exited:\n%s", logs)
-		default:
-		}
-		last, lastErr = query(`traefik_mirror_requests_total{outcome="sent"}`)
+		last, lastErr = p.query(`traefik_mirror_requests_total{outcome="sent"}`)
 		if lastErr == nil && last["mirror-api@file"] == strconv.Itoa(n) {
 			break
 		}
@@ -668,13 +690,13 @@ scrape_configs:
 		time.Sleep(200 * time.Millisecond)
 	}
 	// The histogram and the other families are ingested too.
-	got, err := query(`traefik_mirror_copy_duration_seconds_count`)
+	got, err := p.query(`traefik_mirror_copy_duration_seconds_count`)
 	require.NoError(t, err)
 	assert.Equal(t, strconv.Itoa(n), got["mirror-api@file"])
-	got, err = query(`sum by (middleware) (traefik_mirror_requests_total)`)
+	got, err = p.query(`sum by (middleware) (traefik_mirror_requests_total)`)
 	require.NoError(t, err)
 	assert.Equal(t, strconv.Itoa(n), got["mirror-api@file"])
-	got, err = query(`up{job="traefik-mirror"}`)
+	got, err = p.query(`up{job="traefik-mirror"}`)
 	require.NoError(t, err)
 	assert.Equal(t, "1", got[""])
 }
