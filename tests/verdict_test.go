@@ -137,7 +137,7 @@ func TestPrometheusShadowVerdict(t *testing.T) {
 				return err == nil
 			}, 30*time.Second, 200*time.Millisecond, "%s for %s", m.name, middleware)
 			got[m] = value
-			t.Logf("%s %s = %g (passes under %g)", middleware, m.name, value, m.max)
+			t.Logf("%s %s = %g (the threshold: %g)", middleware, m.name, value, m.max)
 		}
 		return got
 	}
