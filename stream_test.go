@@ -138,14 +138,7 @@ func TestSlowMirrorCutsTheStreamedCopy(t *testing.T) {
 	equal(t, sha256.Sum256(got.body), sha256.Sum256(body), "the primary's body")
 	s.waitOutcome(t, cut, 1)
 	fast.Store(true)
-	select {
-	case err := <-ends:
-		if err == io.EOF {
-			t.Error("the mirror read a complete body, want the cut copy to end in an error")
-		}
-	case <-time.After(waitLimit):
-		t.Fatal("the mirror's request did not end")
-	}
+	incomplete(t, ends)
 	contains(t, s.stderr.String(), "streamStall")
 }
 
@@ -194,14 +187,7 @@ func TestClientGoneMidStreamLeavesNoCompleteCopy(t *testing.T) {
 	if resp, err := s.front.Client().Do(req); err == nil {
 		_ = resp.Body.Close()
 	}
-	select {
-	case err := <-ends:
-		if err == io.EOF {
-			t.Error("the mirror read a complete body, want an incomplete request")
-		}
-	case <-time.After(waitLimit):
-		t.Fatal("the mirror's request did not end")
-	}
+	incomplete(t, ends)
 	if !poll(time.Millisecond, func() bool { return s.inflight() == 0 }) {
 		t.Fatal("the copy still holds its slot")
 	}
@@ -222,9 +208,7 @@ func TestStreamedBodyPastMaxBodySize(t *testing.T) {
 	equal(t, code, http.StatusOK, "status")
 	equal(t, len(s.primary.next(t).body), len(body), "the primary's body")
 	s.waitOutcome(t, tooLarge, 1)
-	if err := <-ends; err == io.EOF {
-		t.Error("the mirror read a complete body, want an incomplete request")
-	}
+	incomplete(t, ends)
 }
 
 // TestEmptyChunkedBodyIsCopied: no chunk at all, and the copy has an empty body.
@@ -237,6 +221,19 @@ func TestEmptyChunkedBodyIsCopied(t *testing.T) {
 	noError(t, got.bodyErr)
 	equal(t, len(got.body), 0, "the copy's body")
 	s.waitOutcome(t, sent, 1)
+}
+
+// incomplete waits for the mirror's read of a copy to end, and checks that it ended in an error.
+func incomplete(t *testing.T, ends <-chan error) {
+	t.Helper()
+	select {
+	case err := <-ends:
+		if err == io.EOF {
+			t.Error("the mirror read a complete body, want an incomplete request")
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("the mirror's request did not end")
+	}
 }
 
 func postRequest(t *testing.T, url string, body io.Reader) *http.Request {
