@@ -198,9 +198,10 @@ func matchesAny(re *regexp.Regexp, values []string) bool {
 	return false
 }
 
-// serve copies a chosen request. The common copy (lean: decided in New; no body or a small one
-// of known length; a plain path; no Connection, loop or Expect header; the mirror not paused)
-// takes the short path below, in as few interpreted expressions and calls as it can be: under
+// serve copies a chosen request. The common copy (leanUnder: decided in New; no body or a small
+// one of known length; a plain path; no Connection, TE, loop or Expect header) takes the short
+// path below, in as few interpreted expressions and calls as it can be (a paused mirror fails
+// its slot: see pause): under
 // Yaegi each call allocates a value for every expression of the called function, and each call
 // into compiled code costs about as much as eight expressions (BenchmarkYaegiConstructs). Every
 // other request goes through serveOther.
