@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -174,18 +176,45 @@ func (h *Hung) Close() {
 }
 
 // FreeAddrs returns n distinct loopback addresses with ports free right now (all held open
-// until all are found, so that none is handed out twice).
+// until all are found, so that none is handed out twice). The ports are below the kernel's
+// ephemeral range: a port the kernel handed out (":0") and that was free a moment ago can become
+// the source port of any connection the tests open before the server binds it (it did: "bind:
+// address already in use" for a Traefik entry point, with streamed uploads in the same run).
 func FreeAddrs(n int) ([]string, error) {
+	low := ephemeralLow()
 	var addrs []string
-	for i := 0; i < n; i++ {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+	for len(addrs) < n {
+		addr := "127.0.0.1:0"
+		if low > minChosenPort+1000 {
+			addr = fmt.Sprintf("127.0.0.1:%d", minChosenPort+rand.IntN(low-minChosenPort))
+		}
+		l, err := net.Listen("tcp", addr)
 		if err != nil {
+			if addr != "127.0.0.1:0" {
+				continue // taken: another
+			}
 			return nil, err
 		}
 		defer l.Close()
 		addrs = append(addrs, l.Addr().String())
 	}
 	return addrs, nil
+}
+
+// minChosenPort is the least port FreeAddrs chooses: above the ports the examples use.
+const minChosenPort = 10000
+
+// ephemeralLow is the first port of the kernel's ephemeral range (0 when unknown).
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0
+	}
+	var low, high int
+	if _, err := fmt.Sscan(string(b), &low, &high); err != nil {
+		return 0
+	}
+	return low
 }
 
 // Refused is a loopback address that refuses connections: a socket bound to it and never
