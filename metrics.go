@@ -92,6 +92,21 @@ func sample(w *bufio.Writer, name, labels string, value int64) {
 	_, _ = w.WriteString(name + "{" + labels + "} " + strconv.FormatInt(value, 10) + "\n")
 }
 
+// histogram writes the samples of one histogram of durations: a count per durationBuckets bound
+// and one over the last, cumulated, then the sum (nanoseconds) and the count.
+func histogram(w *bufio.Writer, name, labels string, counts [12]int64, sum int64) {
+	var cumulative int64
+	for b, bound := range durationBuckets {
+		cumulative += counts[b]
+		sample(w, name+"_bucket", labels+`,le="`+strconv.FormatFloat(bound, 'g', -1, 64)+`"`, cumulative)
+	}
+	cumulative += counts[len(durationBuckets)]
+	sample(w, name+"_bucket", labels+`,le="+Inf"`, cumulative)
+	seconds := float64(sum) / float64(time.Second)
+	_, _ = w.WriteString(name + "_sum{" + labels + "} " + strconv.FormatFloat(seconds, 'g', -1, 64) + "\n")
+	sample(w, name+"_count", labels, cumulative)
+}
+
 // labelValue escapes a label value for the text exposition format 0.0.4.
 var labelValue = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
 
@@ -111,20 +126,11 @@ func writeMetrics(w *bufio.Writer, all []*state) {
 	// outcomes: a copy is measured before it is counted, so every copy counted above is in them.
 	ms := make([]measure, len(all))
 	for i, st := range all {
-		ms[i] = st.measured()
+		ms[i] = st.snapshot()
 	}
 	family(w, "traefik_mirror_copy_duration_seconds", "histogram", "Time from sending a copy to the end of the mirror's answer or the failure.")
 	for i := range all {
-		var cumulative int64
-		for b, bound := range durationBuckets {
-			cumulative += ms[i].durations[b]
-			sample(w, "traefik_mirror_copy_duration_seconds_bucket", mw[i]+`,le="`+strconv.FormatFloat(bound, 'g', -1, 64)+`"`, cumulative)
-		}
-		cumulative += ms[i].durations[len(durationBuckets)]
-		sample(w, "traefik_mirror_copy_duration_seconds_bucket", mw[i]+`,le="+Inf"`, cumulative)
-		sum := float64(ms[i].durationSum) / float64(time.Second)
-		_, _ = w.WriteString("traefik_mirror_copy_duration_seconds_sum{" + mw[i] + "} " + strconv.FormatFloat(sum, 'g', -1, 64) + "\n")
-		sample(w, "traefik_mirror_copy_duration_seconds_count", mw[i], cumulative)
+		histogram(w, "traefik_mirror_copy_duration_seconds", mw[i], ms[i].durations, ms[i].durationSum)
 	}
 	family(w, "traefik_mirror_responses_total", "counter", "Answers of the mirror, by status code.")
 	for i := range all {
@@ -182,17 +188,7 @@ func writeMetrics(w *bufio.Writer, all []*state) {
 			_, durations, sums = cs.sides()
 		}
 		for s, side := range sideNames {
-			labels := mw[i] + `,side="` + side + `"`
-			var cumulative int64
-			for b, bound := range durationBuckets {
-				cumulative += durations[s][b]
-				sample(w, "traefik_mirror_compared_duration_seconds_bucket", labels+`,le="`+strconv.FormatFloat(bound, 'g', -1, 64)+`"`, cumulative)
-			}
-			cumulative += durations[s][len(durationBuckets)]
-			sample(w, "traefik_mirror_compared_duration_seconds_bucket", labels+`,le="+Inf"`, cumulative)
-			sum := float64(sums[s]) / float64(time.Second)
-			_, _ = w.WriteString("traefik_mirror_compared_duration_seconds_sum{" + labels + "} " + strconv.FormatFloat(sum, 'g', -1, 64) + "\n")
-			sample(w, "traefik_mirror_compared_duration_seconds_count", labels, cumulative)
+			histogram(w, "traefik_mirror_compared_duration_seconds", mw[i]+`,side="`+side+`"`, durations[s], sums[s])
 		}
 	}
 	family(w, "traefik_mirror_differences_total", "counter",

@@ -95,7 +95,7 @@ type measure struct {
 	copiedBytes int64
 }
 
-func (st *state) measured() measure {
+func (st *state) snapshot() measure {
 	st.measures.Lock()
 	defer st.measures.Unlock()
 	return measure{durations: st.durations, durationSum: st.durationSum, codes: append([]int64(nil), st.codes...), copiedBytes: st.copiedBytes}

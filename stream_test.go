@@ -99,6 +99,14 @@ func TestStreamedCopyLeavesWithThePrimary(t *testing.T) {
 	s.waitOutcome(t, sent, 1)
 }
 
+// slowStack is a stack whose mirror is slowMirror.
+func slowStack(t *testing.T, rate int, cfg *Config) (*stack, chan error, *atomic.Bool) {
+	t.Helper()
+	srv, ends, fast := slowMirror(t, rate)
+	cfg.URL = srv.URL
+	return newStack(t, cfg, nil), ends, fast
+}
+
 // slowMirror reads each body at about rate bytes per second until fast is set, then at once
 // (what the kernel buffered of a cut copy takes long at that pace), and says how each read ended.
 func slowMirror(t *testing.T, rate int) (srv *httptest.Server, ends chan error, fast *atomic.Bool) {
@@ -123,10 +131,7 @@ func slowMirror(t *testing.T, rate int) (srv *httptest.Server, ends chan error, 
 // for streamStall at most, then its copy is cut: counted, and ended in an error at the mirror.
 func TestSlowMirrorCutsTheStreamedCopy(t *testing.T) {
 	t.Parallel()
-	mirrorSrv, ends, fast := slowMirror(t, 256<<10)
-	cfg := streamConfig("100ms")
-	cfg.URL = mirrorSrv.URL
-	s := newStack(t, cfg, nil)
+	s, ends, fast := slowStack(t, 256<<10, streamConfig("100ms"))
 	body := randomBytes(t, 16<<20)
 	// At 256 KiB/s the mirror would take a minute. How long the primary waited is measured
 	// through Traefik, next to the same upload without the middleware
@@ -173,10 +178,7 @@ func TestEarlyAnswerEndsTheStreamedCopy(t *testing.T) {
 // TestClientGoneMidStreamLeavesNoCompleteCopy: a client that stops half-way through its body.
 func TestClientGoneMidStreamLeavesNoCompleteCopy(t *testing.T) {
 	t.Parallel()
-	mirrorSrv, ends, _ := slowMirror(t, 1<<30)
-	cfg := streamConfig("5s")
-	cfg.URL = mirrorSrv.URL
-	s := newStack(t, cfg, nil)
+	s, ends, _ := slowStack(t, 1<<30, streamConfig("5s"))
 	pr, pw := io.Pipe()
 	req := postRequest(t, s.front.URL+"/gone", pr)
 	req.ContentLength = 16 << 20
@@ -198,11 +200,9 @@ func TestClientGoneMidStreamLeavesNoCompleteCopy(t *testing.T) {
 // began to stream is cut, and counted tooLarge.
 func TestStreamedBodyPastMaxBodySize(t *testing.T) {
 	t.Parallel()
-	mirrorSrv, ends, _ := slowMirror(t, 1<<30)
 	cfg := streamConfig("5s")
 	cfg.MaxBodySize = 2 << 20
-	cfg.URL = mirrorSrv.URL
-	s := newStack(t, cfg, nil)
+	s, ends, _ := slowStack(t, 1<<30, cfg)
 	body := randomBytes(t, 4<<20)
 	code, _ := s.do(t, postRequest(t, s.front.URL+"/grows", chunked{bytes.NewReader(body)}))
 	equal(t, code, http.StatusOK, "status")
