@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"testing/iotest"
 	"time"
 )
 
@@ -100,50 +101,93 @@ func TestStreamedCopyLeavesWithThePrimary(t *testing.T) {
 }
 
 // slowStack is a stack whose mirror is slowMirror.
-func slowStack(t *testing.T, rate int, cfg *Config) (*stack, chan error, *atomic.Bool) {
+func slowStack(t *testing.T, rate int, cfg *Config) (*stack, *slow) {
 	t.Helper()
-	srv, ends, fast := slowMirror(t, rate)
+	srv, m := slowMirror(t, rate)
 	cfg.URL = srv.URL
-	return newStack(t, cfg, nil), ends, fast
+	return newStack(t, cfg, nil), m
+}
+
+// slow is what a slowMirror tells: when a copy's request began, how each body's read ended; fast
+// makes it read at once.
+type slow struct {
+	began chan struct{}
+	ends  chan error
+	fast  atomic.Bool
 }
 
 // slowMirror reads each body at about rate bytes per second until fast is set, then at once
-// (what the kernel buffered of a cut copy takes long at that pace), and says how each read ended.
-func slowMirror(t *testing.T, rate int) (srv *httptest.Server, ends chan error, fast *atomic.Bool) {
+// (what the kernel buffered of a cut copy takes long at that pace).
+func slowMirror(t *testing.T, rate int) (*httptest.Server, *slow) {
 	t.Helper()
-	ends, fast = make(chan error, 16), &atomic.Bool{}
-	srv = httptest.NewServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
+	m := &slow{began: make(chan struct{}, 16), ends: make(chan error, 16)}
+	srv := httptest.NewServer(http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
+		m.began <- struct{}{}
 		b := make([]byte, 16<<10)
 		var err error
 		for err == nil {
-			if !fast.Load() {
+			if !m.fast.Load() {
 				time.Sleep(time.Second * time.Duration(len(b)) / time.Duration(rate)) // the mirror's pace
 			}
 			_, err = r.Body.Read(b)
 		}
-		ends <- err
+		m.ends <- err
 	}))
 	t.Cleanup(srv.Close)
-	return srv, ends, fast
+	return srv, m
+}
+
+// heldBack gives the first n bytes of r, then the rest only once the mirror has the copy's
+// request: a copy cut or ended before its request left would leave the mirror nothing to see
+// (under -race, with the package's tests in parallel, dialing the mirror took over 100 ms).
+type heldBack struct {
+	r     io.Reader
+	n     int64
+	began <-chan struct{}
+}
+
+func (h *heldBack) Read(p []byte) (int, error) {
+	if h.n == 0 && h.began != nil {
+		select {
+		case <-h.began:
+			h.began = nil
+		case <-time.After(waitLimit):
+			return 0, errors.New("the copy's request never reached the mirror")
+		}
+	}
+	if h.n > 0 && int64(len(p)) > h.n {
+		p = p[:h.n]
+	}
+	n, err := h.r.Read(p)
+	if h.n > 0 {
+		h.n -= int64(n)
+	}
+	return n, err
 }
 
 // TestSlowMirrorCutsTheStreamedCopy: a mirror far slower than the client holds the primary back
 // for streamStall at most, then its copy is cut: counted, and ended in an error at the mirror.
 func TestSlowMirrorCutsTheStreamedCopy(t *testing.T) {
 	t.Parallel()
-	s, ends, fast := slowStack(t, 256<<10, streamConfig("100ms"))
+	// The budget covers the copy's own start (its request leaves with the first MiB, and the
+	// primary's next read waits for room until the transport reads): 100 ms did not, once, under
+	// -race in CI, and the mirror never saw the copy it was to see cut.
+	s, m := slowStack(t, 256<<10, streamConfig("1s"))
 	body := randomBytes(t, 16<<20)
+	held := &heldBack{bytes.NewReader(body), 1<<20 + 64<<10, m.began}
 	// At 256 KiB/s the mirror would take a minute. How long the primary waited is measured
 	// through Traefik, next to the same upload without the middleware
 	// (tests/stream_test.go, TestTraefikStreamSlowMirrorIsCut): under -race, with this package's
 	// tests in parallel, the upload's own time here varies by seconds.
-	code, _ := s.do(t, postRequest(t, s.front.URL+"/big", bytes.NewReader(body)))
+	req := postRequest(t, s.front.URL+"/big", held)
+	req.ContentLength = int64(len(body))
+	code, _ := s.do(t, req)
 	equal(t, code, http.StatusOK, "status")
 	got := s.primary.next(t)
 	equal(t, sha256.Sum256(got.body), sha256.Sum256(body), "the primary's body")
 	s.waitOutcome(t, cut, 1)
-	fast.Store(true)
-	incomplete(t, ends)
+	m.fast.Store(true)
+	incomplete(t, m.ends)
 	contains(t, s.stderr.String(), "streamStall")
 }
 
@@ -178,18 +222,14 @@ func TestEarlyAnswerEndsTheStreamedCopy(t *testing.T) {
 // TestClientGoneMidStreamLeavesNoCompleteCopy: a client that stops half-way through its body.
 func TestClientGoneMidStreamLeavesNoCompleteCopy(t *testing.T) {
 	t.Parallel()
-	s, ends, _ := slowStack(t, 1<<30, streamConfig("5s"))
-	pr, pw := io.Pipe()
-	req := postRequest(t, s.front.URL+"/gone", pr)
+	s, m := slowStack(t, 1<<30, streamConfig("5s"))
+	gone := io.MultiReader(bytes.NewReader(make([]byte, 4<<20)), iotest.ErrReader(errors.New("client gone")))
+	req := postRequest(t, s.front.URL+"/gone", &heldBack{gone, 2 << 20, m.began})
 	req.ContentLength = 16 << 20
-	go func() {
-		_, _ = pw.Write(make([]byte, 4<<20))
-		_ = pw.CloseWithError(errors.New("client gone"))
-	}()
 	if resp, err := s.front.Client().Do(req); err == nil {
 		_ = resp.Body.Close()
 	}
-	incomplete(t, ends)
+	incomplete(t, m.ends)
 	if !poll(time.Millisecond, func() bool { return s.inflight() == 0 }) {
 		t.Fatal("the copy still holds its slot")
 	}
@@ -202,13 +242,14 @@ func TestStreamedBodyPastMaxBodySize(t *testing.T) {
 	t.Parallel()
 	cfg := streamConfig("5s")
 	cfg.MaxBodySize = 2 << 20
-	s, ends, _ := slowStack(t, 1<<30, cfg)
+	s, m := slowStack(t, 1<<30, cfg)
 	body := randomBytes(t, 4<<20)
-	code, _ := s.do(t, postRequest(t, s.front.URL+"/grows", chunked{bytes.NewReader(body)}))
+	held := &heldBack{bytes.NewReader(body), 3 << 19, m.began}
+	code, _ := s.do(t, postRequest(t, s.front.URL+"/grows", chunked{held}))
 	equal(t, code, http.StatusOK, "status")
 	equal(t, len(s.primary.next(t).body), len(body), "the primary's body")
 	s.waitOutcome(t, tooLarge, 1)
-	incomplete(t, ends)
+	incomplete(t, m.ends)
 }
 
 // TestEmptyChunkedBodyIsCopied: no chunk at all, and the copy has an empty body.
