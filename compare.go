@@ -244,6 +244,9 @@ func judge(m *mirror, c *copyRequest, st *compareStats, mir *side) {
 	}
 	atomic.AddInt64(&st.results[differed], 1)
 	writeDifference(m, c, prim, *mir, diffs)
+	if m.record != nil {
+		recordExchange(m, c, prim, *mir)
+	}
 }
 
 // maxJudgeQueue is how many answers that differ may wait while another is judged.

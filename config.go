@@ -73,6 +73,8 @@ type Config struct {
 
 	// Compare compares the mirror's answers with the primary's.
 	Compare CompareConfig `json:"compare,omitempty"`
+	// Record writes the copies, or the exchanges that differed, to a file in GoReplay's format.
+	Record RecordConfig `json:"record,omitempty"`
 
 	// FailClosed true makes a mistake in these options disable the routers that use the
 	// middleware (Traefik then answers 404); by default it is logged and nothing is mirrored.
@@ -109,6 +111,7 @@ func CreateConfig() *Config {
 			MaxBodySize: 64 << 10,
 			Percent:     100,
 		},
+		Record: defaultRecord(),
 	}
 }
 
@@ -206,6 +209,7 @@ type settings struct {
 	metrics        bool // metricsAddress is set: the copies' durations, answers and bytes are counted
 
 	compare *compareSettings // nil: off
+	record  *recordSettings  // nil: off
 }
 
 type headerMatch struct {
@@ -301,18 +305,23 @@ func compile(c *Config) (settings, error) {
 		s.metricsAddress = net.JoinHostPort(host, port)
 	}
 
-	s.compare, err = compileCompare(&c.Compare)
+	if s.compare, err = compileCompare(&c.Compare); err != nil {
+		return s, err
+	}
+	if s.record, err = compileRecord(&c.Record, s.compare != nil); err != nil {
+		return s, err
+	}
 	s.metrics = s.metricsAddress != ""
 	s.choose = s.share < 1 || s.gate
 	// The short path copies what needs no option's work on the client's path: no rate to take
-	// from, no answer to capture, no retry, and a body read ahead within maxBodySize.
-	if s.mirrorBody && s.rateInterval == 0 && s.compare == nil && s.retries == 0 {
+	// from, no answer to capture, no retry, no record, and a body read ahead within maxBodySize.
+	if s.mirrorBody && s.rateInterval == 0 && s.compare == nil && s.retries == 0 && s.record == nil {
 		s.leanUnder = readAhead + 1
 		if s.maxBodySize >= 0 && s.maxBodySize < readAhead {
 			s.leanUnder = uint64(s.maxBodySize) + 1
 		}
 	}
-	return s, err
+	return s, nil
 }
 
 func compileURL(s *settings, c *Config) error {

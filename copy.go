@@ -171,10 +171,12 @@ type copyRequest struct {
 
 	full bool // not from serve's short path: the copy's headers need all of send's work (see send)
 
-	tee     *teeBody // the body is copied as the primary reads it
-	stream  *stream  // the rest of the body follows the copy (see stream)
-	capture *capture // the primary's answer, when this copy is compared
-	follows bool     // the answer needs more than a drain: a comparison, a stream to stop
+	tee      *teeBody  // the body is copied as the primary reads it
+	stream   *stream   // the rest of the body follows the copy (see stream)
+	capture  *capture  // the primary's answer, when this copy is compared
+	head     []byte    // what a streamed body held when it began to stream, when copies are recorded
+	recorded *recorded // the request as recorded, when differences are
+	follows  bool      // the answer needs more than a drain: a comparison, a stream to stop
 
 	askedGzip bool // the copy asks for gzip where the client asked for no encoding (see meant)
 
@@ -203,6 +205,10 @@ func send(m *mirror, c *copyRequest) {
 	// request line comes as the primary gets it: Traefik's entry point has already turned the
 	// query's semicolons into '&' (or %3B).
 	u := out.URL
+	target := ""
+	if m.record != nil {
+		target = u.RequestURI()
+	}
 	out.URL = &url.URL{Scheme: m.scheme, Host: m.host, Path: u.Path, RawPath: u.RawPath, RawQuery: u.RawQuery}
 	if m.basePath != "" {
 		rebase(m, out.URL)
@@ -240,6 +246,9 @@ func send(m *mirror, c *copyRequest) {
 			ip = forwardedFor(prior, ip)
 		}
 		h["X-Forwarded-For"] = []string{ip}
+	}
+	if m.record != nil {
+		keepRecord(m, c, out, target)
 	}
 	h[markerHeader] = m.marker
 	if m.shape {

@@ -152,6 +152,18 @@ func writeMetrics(w *bufio.Writer, all []*state) {
 	for i, st := range all {
 		sample(w, "traefik_mirror_retries_total", mw[i], atomic.LoadInt64(&st.retries))
 	}
+	family(w, "traefik_mirror_records_total", "counter", "Records written to record.file: a copy's request, or an exchange whose answers differed.")
+	for i, st := range all {
+		sample(w, "traefik_mirror_records_total", mw[i], atomic.LoadInt64(&st.records))
+	}
+	family(w, "traefik_mirror_record_bytes_total", "counter", "Bytes written to record.file.")
+	for i, st := range all {
+		sample(w, "traefik_mirror_record_bytes_total", mw[i], atomic.LoadInt64(&st.recordBytes))
+	}
+	family(w, "traefik_mirror_record_failures_total", "counter", "Records not written to record.file: it could not be opened, written or rotated.")
+	for i, st := range all {
+		sample(w, "traefik_mirror_record_failures_total", mw[i], atomic.LoadInt64(&st.recordFailed))
+	}
 	family(w, "traefik_mirror_compared_total", "counter", "Copies whose answer was compared with the primary's, by result.")
 	for i, st := range all {
 		cs, _ := st.compare.Load().(*compareStats)

@@ -55,6 +55,7 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 		_, _ = useDiffLog(st, "")
 	}
 	useMetrics(st, cfg.metricsAddress)
+	useRecorder(st, cfg.record)
 	if cfg.percent == 0 {
 		// Mirroring is off: the router gets its next handler itself, at no cost per request.
 		debugLine("mirror " + name + ": percent=0, mirroring is off")

@@ -86,6 +86,9 @@ func (t *teeBody) observe(b []byte, err error) *stream {
 		t.stream = newStream(t.m, t.c.body, t.c.cancel)
 		t.c.stream = t.stream
 		t.c.follows = true
+		if t.m.record != nil {
+			t.c.head = t.c.body
+		}
 		t.c.body = nil
 		t.timer.Stop() // the copy's own deadline bounds it from here
 		go send(t.m, t.c)

@@ -37,6 +37,9 @@ var mirrorFamilies = map[string]string{
 	"traefik_mirror_copied_bytes_total":    "counter",
 	"traefik_mirror_retries_total":         "counter",
 	"traefik_mirror_compared_total":        "counter",
+	"traefik_mirror_records_total":         "counter",
+	"traefik_mirror_record_bytes_total":    "counter",
+	"traefik_mirror_record_failures_total": "counter",
 }
 
 // mirrorOutcomes are the outcome label values of traefik_mirror_requests_total.
