@@ -314,8 +314,8 @@ func compile(c *Config) (settings, error) {
 	s.metrics = s.metricsAddress != ""
 	s.choose = s.share < 1 || s.gate
 	// The short path copies what needs no option's work on the client's path: no rate to take
-	// from, no answer to capture, no retry, no record, and a body read ahead within maxBodySize.
-	if s.mirrorBody && s.rateInterval == 0 && s.compare == nil && s.retries == 0 && s.record == nil {
+	// from, no answer to capture, no retry, and a body read ahead within maxBodySize.
+	if s.mirrorBody && s.rateInterval == 0 && s.compare == nil && s.retries == 0 {
 		s.leanUnder = readAhead + 1
 		if s.maxBodySize >= 0 && s.maxBodySize < readAhead {
 			s.leanUnder = uint64(s.maxBodySize) + 1

@@ -131,22 +131,27 @@ type recorded struct {
 // keepRecord takes what the record of a copy needs before send shapes it, and writes it now when
 // copies are recorded; differences are written once the answers are judged (see judge).
 func keepRecord(m *mirror, c *copyRequest, out *http.Request, target string) {
-	if m.record.differences && (c.capture == nil || c.stream != nil) {
+	rs := m.record
+	if rs.differences && (c.capture == nil || c.stream != nil) {
 		return // only a compared copy can differ, and a streamed one is not compared
 	}
-	r := &recorded{method: out.Method, target: target, host: out.Host, header: out.Header.Clone(), body: c.body, length: int64(len(c.body)), began: c.began}
+	r := &recorded{method: out.Method, target: target, host: out.Host, header: out.Header, body: c.body, length: int64(len(c.body)), began: c.began}
+	if c.began.IsZero() {
+		r.began = time.Now() // serve's short path does not time its copies
+	}
 	if c.stream != nil {
 		r.body = c.head // one field a statement: see PLUGIN-FACTS on tuple assignments under Yaegi
 		r.length = out.ContentLength
 		c.head = nil
 	}
-	if !m.record.differences {
-		rs := m.record
-		b := appendRequest(nil, rs, exchangeID(), r)
-		writeRecord(m, b)
+	if rs.differences {
+		r.header = r.header.Clone() // send shapes the copy's own next
+		c.recorded = r
 		return
 	}
-	c.recorded = r
+	var buf bytes.Buffer
+	writeRequest(&buf, rs, exchangeID(), r)
+	writeRecord(m, buf.Bytes())
 }
 
 // recordExchange writes a compared exchange whose answers differed: the request, the primary's
@@ -157,55 +162,44 @@ func recordExchange(m *mirror, c *copyRequest, prim, mir side) {
 		return
 	}
 	rs, id := m.record, exchangeID()
-	b := appendRequest(nil, rs, id, r)
-	b = appendAnswer(b, rs, '2', id, r.began.Add(prim.latency), prim)
-	b = appendAnswer(b, rs, '3', id, r.began.Add(mir.latency), mir)
-	writeRecord(m, b)
+	var buf bytes.Buffer
+	writeRequest(&buf, rs, id, r)
+	writeAnswer(&buf, rs, "2 ", id, r.began.Add(prim.latency), prim)
+	writeAnswer(&buf, rs, "3 ", id, r.began.Add(mir.latency), mir)
+	writeRecord(m, buf.Bytes())
 }
 
-// exchangeID is 24 hex digits, as GoReplay's: this process's token's first 8, then a count.
+// exchangeID is 24 hex digits, as GoReplay's: this process's token's first 8, then a count (its
+// top bit set, so that it always has 16 digits).
 func exchangeID() string {
-	n := atomic.AddUint64(&exchanges, 1)
-	s := strconv.FormatUint(n, 16)
-	return processToken[:8] + strings.Repeat("0", 16-len(s)) + s
+	return processToken[:8] + strconv.FormatUint(atomic.AddUint64(&exchanges, 1)|1<<63, 16)
 }
 
 var exchanges uint64 // atomic
 
-// appendRequest appends a request payload.
-func appendRequest(b []byte, rs *recordSettings, id string, r *recorded) []byte {
-	b = appendMeta(b, '1', id, r.began, 0)
-	return appendMessage(b, rs, r.header, r.body, r.length, r.method+" "+r.target+" HTTP/1.1\r\nHost: "+r.host+"\r\n")
+// writeRequest writes a request payload. (Few statements, each doing much: under Yaegi every
+// call allocates a value per expression of the called function.)
+func writeRequest(buf *bytes.Buffer, rs *recordSettings, id string, r *recorded) {
+	buf.WriteString("1 " + id + " " + strconv.FormatInt(r.began.UnixNano(), 10) + " 0\n" +
+		r.method + " " + r.target + " HTTP/1.1\r\nHost: " + r.host + "\r\n")
+	writeMessage(buf, rs, r.header, r.body, r.length)
 }
 
-// appendMeta appends a payload's first line.
-func appendMeta(b []byte, kind byte, id string, at time.Time, latency time.Duration) []byte {
-	b = append(b, kind, ' ')
-	b = append(b, id...)
-	b = append(b, ' ')
-	b = strconv.AppendInt(b, at.UnixNano(), 10)
-	b = append(b, ' ')
-	b = strconv.AppendInt(b, int64(latency), 10)
-	return append(b, '\n')
-}
-
-// appendAnswer appends an answer payload: one side of a compared exchange.
-func appendAnswer(b []byte, rs *recordSettings, kind byte, id string, at time.Time, s side) []byte {
-	b = appendMeta(b, kind, id, at, s.latency)
-	b = append(b, "HTTP/1.1 "+strconv.Itoa(s.code)+" "+http.StatusText(s.code)+"\r\n"...)
+// writeAnswer writes an answer payload: one side of a compared exchange.
+func writeAnswer(buf *bytes.Buffer, rs *recordSettings, kind, id string, at time.Time, s side) {
+	buf.WriteString(kind + id + " " + strconv.FormatInt(at.UnixNano(), 10) + " " + strconv.FormatInt(int64(s.latency), 10) + "\n" +
+		"HTTP/1.1 " + strconv.Itoa(s.code) + " " + http.StatusText(s.code) + "\r\n")
 	length := int64(len(s.body))
 	if s.over {
 		length = -1
 	}
-	return appendMessage(b, rs, s.header, s.body, length, "")
+	writeMessage(buf, rs, s.header, s.body, length)
 }
 
-// appendMessage appends a message's headers (redacted, sorted, the framing ones set anew), its
+// writeMessage writes a message's headers (redacted, sorted, the framing ones set anew), its
 // body cut to what may be written, and the separator.
-func appendMessage(b []byte, rs *recordSettings, h http.Header, body []byte, length int64, first string) []byte {
-	var buf bytes.Buffer
-	buf.WriteString(first)
-	_ = h.WriteSubset(&buf, rs.omit)
+func writeMessage(buf *bytes.Buffer, rs *recordSettings, h http.Header, body []byte, length int64) {
+	_ = h.WriteSubset(buf, rs.omit)
 	for _, name := range rs.redact {
 		for range h[name] {
 			buf.WriteString(name + ": " + redacted + "\r\n")
@@ -223,10 +217,12 @@ func appendMessage(b []byte, rs *recordSettings, h http.Header, body []byte, len
 		buf.WriteString("Content-Length: " + strconv.Itoa(n) + "\r\n")
 	}
 	buf.WriteString("\r\n")
-	b = append(b, buf.Bytes()...)
-	b = append(b, body[:n]...)
-	return append(b, recordSeparator...)
+	buf.Write(body[:n])
+	buf.WriteString(recordSeparator)
 }
+
+// monkeys are the separator's characters: a body without them is written whole.
+var monkeys = []byte(recordSeparator[1 : len(recordSeparator)-1])
 
 // writable is how much of a body a payload can hold: at most limit bytes, and none from a line
 // that would read as the separator (GoReplay's format has no escape for it).
@@ -234,6 +230,9 @@ func writable(body []byte, limit int64) int {
 	n := len(body)
 	if int64(n) > limit {
 		n = int(limit)
+	}
+	if !bytes.Contains(body[:n], monkeys) {
+		return n
 	}
 	line := recordSeparator[1:]
 	switch {

@@ -159,6 +159,8 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 		// With metrics served: the durations, answers and bytes counted too.
 		{"POST_1KiB_metrics", http.MethodPost, 1 << 10, 100, map[string]any{"metricsAddress": metricsAddr[0]}},
 		{"POST_1KiB_compared", http.MethodPost, 1 << 10, 100, map[string]any{"compare": map[string]any{"enabled": true}}},
+		{"POST_1KiB_retries", http.MethodPost, 1 << 10, 100, map[string]any{"retries": 1}},
+		{"POST_1KiB_recorded", http.MethodPost, 1 << 10, 100, map[string]any{"record": map[string]any{"file": filepath.Join(b.TempDir(), "copies.gor")}}},
 		{"POST_64KiB", http.MethodPost, 64 << 10, 100, nil},
 		{"POST_256KiB_tee", http.MethodPost, 256 << 10, 100, nil},
 		{"POST_1KiB_chunked", http.MethodPost, 1 << 10, 100, nil},

@@ -41,6 +41,9 @@ type scenario struct {
 	json     bool    // the primary and the mirror answer the same 1 KiB JSON document, not "ok"
 }
 
+// recordDir holds the plugin-record mode's files, removed at the end.
+var recordDir string
+
 var allModes = []string{"none", "builtin", "builtin-1MiB", "floor", "guarded", "plugin", "plugin-bare"}
 
 // faultModes are the modes of the scenarios with a slow, down or hung mirror. The floor has no
@@ -62,6 +65,8 @@ var allScenarios = []scenario{
 	// A body past bodyBuffer, streamed to the mirror as the primary reads it (plugin-stream:
 	// maxBodySize -1, so that the body is copied at all).
 	{"healthy-16MiB", 16 << 20, "healthy", 100, []string{"none", "builtin", "plugin-stream"}, 0, false},
+	// Every copy recorded in GoReplay's format, next to the same options without a record.
+	{"record-1KiB", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-record"}, 0, false},
 	// A compared request next to a copied one, both services answering the same 1 KiB JSON.
 	{"compare-1KiB", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-compare"}, 0, true},
 	// The same at a fixed rate well below saturation: the client's latency, not the CPU's.
@@ -89,9 +94,14 @@ func main() {
 	rounds := flag.Int("rounds", 6, "rounds of alternation (A B C, then C B A, ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
-	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, floor, guarded, plugin, plugin-bare, plugin-stream, plugin-compare, plugin-twin (default: each scenario's own list)")
+	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, floor, guarded, plugin, plugin-bare, plugin-stream, plugin-record, plugin-compare, plugin-twin (default: each scenario's own list)")
 	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of each Traefik during its first run")
 	flag.Parse()
+	var err error
+	if recordDir, err = os.MkdirTemp("", "loadbench-record-"); err != nil {
+		panic(err)
+	}
+	defer func() { _ = os.RemoveAll(recordDir) }()
 
 	fmt.Printf("# Load benchmark\n\n%d rounds of %s per mode, %d keep-alive connections, POST bodies, Traefik %s, %s\n",
 		*rounds, *duration, *conns, traefikVersion(), machine())
@@ -110,6 +120,7 @@ func main() {
 		}
 		if err := runScenario(sc, *duration, *rounds, *conns); err != nil {
 			fmt.Fprintln(os.Stderr, "loadbench:", sc.name+":", err)
+			_ = os.RemoveAll(recordDir)
 			os.Exit(1)
 		}
 	}
@@ -277,6 +288,9 @@ func dynamicFor(mode string, sc scenario, primary, mirror string) string {
 		d.Router("api", "/", "primary", "mirror-api")
 	case "plugin-stream": // the example's options but maxBodySize -1: bodies past bodyBuffer are streamed
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "maxBodySize": -1})
+		d.Router("api", "/", "primary", "mirror-api")
+	case "plugin-record": // the example's options, every copy recorded (rotated at 100 MiB, 10 kept)
+		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "record": map[string]any{"file": filepath.Join(recordDir, "copies.gor")}})
 		d.Router("api", "/", "primary", "mirror-api")
 	case "plugin-compare":
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "compare": map[string]any{"enabled": true}})
@@ -556,6 +570,9 @@ func report(sc scenario, runs []*modeRun) {
 			}
 		}
 		fmt.Println()
+	}
+	if recorded := byName["plugin-record"]; recorded != nil {
+		fmt.Printf("\nplugin-record/plugin (what recording every copy costs): %s\n", ratios(recorded, plugin))
 	}
 	if compared := byName["plugin-compare"]; compared != nil {
 		fmt.Printf("\nplugin-compare/plugin: %s; plugin-compare/none: %s\n", ratios(compared, plugin), ratios(compared, none))
