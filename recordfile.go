@@ -130,7 +130,7 @@ func (w *recorder) open() error {
 	if err == nil && !info.Mode().IsRegular() && info.Mode()&os.ModeDevice == 0 {
 		return errors.New("not a regular file (" + info.Mode().Type().String() + ")")
 	}
-	f, err := os.OpenFile(w.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	f, err := os.OpenFile(w.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640) // bodies: not for every user
 	if err != nil {
 		return err
 	}
