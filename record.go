@@ -225,22 +225,26 @@ func writeMessage(buf *bytes.Buffer, rs *recordSettings, h http.Header, body []b
 var monkeys = []byte(recordSeparator[1 : len(recordSeparator)-1])
 
 // writable is how much of a body a payload can hold: at most limit bytes, and none from a line
-// that would read as the separator (GoReplay's format has no escape for it).
+// that would read as the separator (GoReplay's format has no escape for it). The body begins a
+// line (the header block ends with one) and the separator's own newline follows it: so the
+// separator's characters alone are a separator line at its start, whole or followed by a
+// newline, anywhere between two newlines, and at its end after one.
 func writable(body []byte, limit int64) int {
 	n := len(body)
 	if int64(n) > limit {
 		n = int(limit)
 	}
-	if !bytes.Contains(body[:n], monkeys) {
+	b := body[:n]
+	if !bytes.Contains(b, monkeys) {
 		return n
 	}
 	line := recordSeparator[1:]
 	switch {
-	case bytes.HasPrefix(body[:n], []byte(line)):
+	case bytes.HasPrefix(b, []byte(line)) || bytes.Equal(b, monkeys):
 		return 0
-	case bytes.Contains(body[:n], []byte(recordSeparator)):
-		return bytes.Index(body[:n], []byte(recordSeparator))
-	case bytes.HasSuffix(body[:n], []byte(recordSeparator[:len(recordSeparator)-1])):
+	case bytes.Contains(b, []byte(recordSeparator)):
+		return bytes.Index(b, []byte(recordSeparator))
+	case bytes.HasSuffix(b, []byte(recordSeparator[:len(recordSeparator)-1])):
 		return n - len(recordSeparator) + 1
 	}
 	return n
