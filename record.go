@@ -136,7 +136,8 @@ func keepRecord(m *mirror, c *copyRequest, out *http.Request, target string) {
 	}
 	r := &recorded{method: out.Method, target: target, host: out.Host, header: out.Header.Clone(), body: c.body, length: int64(len(c.body)), began: c.began}
 	if c.stream != nil {
-		r.body, r.length = c.head, out.ContentLength
+		r.body = c.head // one field a statement: Yaegi drops some of a tuple assignment to fields
+		r.length = out.ContentLength
 		c.head = nil
 	}
 	if !m.record.differences {

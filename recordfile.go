@@ -60,7 +60,8 @@ func useRecorder(st *state, rs *recordSettings) {
 			recorders[path] = w
 		}
 		w.mu.Lock()
-		w.maxSize, w.maxFiles = rs.maxSize, rs.maxFiles
+		w.maxSize = rs.maxSize // one field a statement: Yaegi drops some of a tuple assignment to fields
+		w.maxFiles = rs.maxFiles
 		w.mu.Unlock()
 		rs.w = w
 	}
@@ -86,7 +87,8 @@ func (w *recorder) close() {
 	if w.f != nil {
 		_ = w.f.Close()
 	}
-	w.f, w.closed = nil, true
+	w.f = nil
+	w.closed = true
 }
 
 var errRecordClosed = errors.New("the record file is no longer configured")
@@ -136,7 +138,12 @@ func (w *recorder) open() error {
 		_ = f.Close()
 		return err
 	}
-	w.f, w.size, w.regular, w.broken = f, info.Size(), info.Mode().IsRegular(), false
+	// One field a statement: under Yaegi v0.16.1 this as one tuple assignment left w.f nil, and
+	// every write failed with "invalid argument" (os.ErrInvalid of a nil *os.File).
+	w.f = f
+	w.size = info.Size()
+	w.regular = info.Mode().IsRegular()
+	w.broken = false
 	return nil
 }
 
