@@ -239,6 +239,11 @@ func writable(body []byte, limit int64) int {
 	switch {
 	case bytes.HasPrefix(body[:n], []byte(line)):
 		return 0
+	case bytes.Equal(body[:n], []byte(line[:len(line)-1])):
+		// The separator's characters alone (the whole body, or all that the limit keeps): the
+		// separator that follows would make them a line of their own, an empty payload after
+		// them, on which GoReplay's reader panics (index out of range).
+		return 0
 	case bytes.Contains(body[:n], []byte(recordSeparator)):
 		return bytes.Index(body[:n], []byte(recordSeparator))
 	case bytes.HasSuffix(body[:n], []byte(recordSeparator[:len(recordSeparator)-1])):

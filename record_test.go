@@ -311,6 +311,9 @@ func TestWritable(t *testing.T) {
 		{"ab" + sep + "cd", 100, 2},
 		{"ab" + sep[:len(sep)-1], 100, 2},
 		{"ab\U0001F435\U0001F648\U0001F649\n", 100, 15}, // not at a line's start
+		{sep[1 : len(sep)-1], 100, 0},                   // the body's first line, ended by the separator
+		{sep[1:len(sep)-1] + "\nmore", 12, 0},           // the same, cut by the limit
+		{"x" + sep[1:len(sep)-1], 100, 13},              // not at a line's start
 	} {
 		equal(t, writable([]byte(test.body), test.limit), test.want, "writable of "+test.body)
 	}
