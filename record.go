@@ -134,6 +134,11 @@ func keepRecord(m *mirror, c *copyRequest, out *http.Request, target string) {
 	if m.record.differences && (c.capture == nil || c.stream != nil) {
 		return // only a compared copy can differ, and a streamed one is not compared
 	}
+	if strings.IndexByte(target, ' ') >= 0 {
+		// A raw query may hold spaces (HTTP/2's :path is not split on them): written as they
+		// came, the request line would not parse, and GoReplay would skip the record.
+		target = strings.ReplaceAll(target, " ", "%20")
+	}
 	r := &recorded{method: out.Method, target: target, host: out.Host, header: out.Header.Clone(), body: c.body, length: int64(len(c.body)), began: c.began}
 	if c.stream != nil {
 		r.body = c.head // one field a statement: Yaegi drops some of a tuple assignment to fields
