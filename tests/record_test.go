@@ -569,6 +569,29 @@ func TestRecordFailuresLeaveCopiesAlone(t *testing.T) {
 			t.Logf("%s", lines[0])
 		}
 	}
+
+	// Writing works again (the missing directory made): recording resumes within the retry delay
+	// (1 s) while requests come, with no new failure.
+	require.NoError(t, os.Mkdir(filepath.Join(dir, "missing"), 0o755))
+	start := time.Now()
+	written := func() bool {
+		b, err := os.ReadFile(files["missing"])
+		return err == nil && strings.Contains(string(b), gorSeparator)
+	}
+	for deadline := start.Add(waitLimit); !written() && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		e.send(t, http.MethodPost, "/missing/again", body)
+	}
+	require.True(t, written(), "recording did not resume once the directory existed")
+	t.Logf("recording resumed %v after the directory was made", time.Since(start).Round(10*time.Millisecond))
+	for _, p := range readGor(t, files["missing"]) {
+		req, got := p.request(t)
+		assert.Equal(t, "/missing/again", req.URL.Path)
+		assert.Equal(t, body, got)
+	}
+	waitScrape(t, metrics, func(s *scrape) bool {
+		v, _ := s.value("traefik_mirror_records_total", map[string]string{"middleware": "m-missing@file"})
+		return v >= 1
+	}, "records counted once writing works")
 	assert.True(t, e.traefik.Running())
 }
 
