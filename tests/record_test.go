@@ -816,3 +816,57 @@ func TestRecordRedactHeadersThroughFileProvider(t *testing.T) {
 	assert.Equal(t, "Bearer s3cret", headers["empty"].Get("Authorization"), "[] reaches the plugin as an empty list: nothing redacted")
 	assert.Equal(t, headers["none"], headers["empty"])
 }
+
+// The recorder interpreted by Yaegi v0.16.1, as Traefik runs it (no Traefik): framing,
+// redaction, a body that is the separator's characters, rotation. (A tuple assignment to the
+// recorder's fields left its file nil under Yaegi alone: every write failed.)
+func TestRecordUnderYaegi(t *testing.T) {
+	p := loadInterpreted(t)
+	dir := t.TempDir()
+	file := filepath.Join(dir, "copies.gor")
+	s := newYaegiStack(t, p, map[string]any{"record": map[string]any{"file": file, "maxSize": 4096, "maxFiles": 2}}, "rec@file", nil)
+	monkeys := gorSeparator[1 : len(gorSeparator)-1]
+	const n = 20
+	for i := 0; i < n; i++ {
+		body := strings.Repeat(string(rune('a'+i)), 700)
+		if i == 1 {
+			body = monkeys
+		}
+		req, err := http.NewRequest(http.MethodPost, s.front.URL+"/y/"+strconv.Itoa(i)+"?q=1", strings.NewReader(body))
+		require.NoError(t, err)
+		req.Header.Set("X-Seq", strconv.Itoa(i))
+		req.Header.Set("Authorization", "Bearer y-secret")
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		_, ok := s.mirror.Next(waitLimit) // one at a time: Yaegi builds some types on first use without a lock
+		require.True(t, ok, "copy %d", i)
+	}
+	names, err := filepath.Glob(filepath.Join(dir, "copies_*.gor"))
+	require.NoError(t, err)
+	sort.Slice(names, func(i, j int) bool { return chunkIndex(filepath.Base(names[i])) < chunkIndex(filepath.Base(names[j])) })
+	require.Len(t, names, 2, "maxFiles rotated files: %v", names)
+	var seqs []int
+	for _, name := range append(names, file) {
+		for _, pl := range readGor(t, name) {
+			req, body := pl.request(t)
+			seq, err := strconv.Atoi(req.Header.Get("X-Seq"))
+			require.NoError(t, err)
+			seqs = append(seqs, seq)
+			assert.Equal(t, "/y/"+strconv.Itoa(seq)+"?q=1", req.RequestURI)
+			assert.Equal(t, "redacted", req.Header.Get("Authorization"))
+			if seq == 1 {
+				assert.Empty(t, body)
+				assert.Equal(t, "0 of 12 bytes", req.Header.Get("X-Mirror-Record-Cut"))
+			} else {
+				assert.Equal(t, strings.Repeat(string(rune('a'+seq)), 700), string(body))
+			}
+		}
+	}
+	require.NotEmpty(t, seqs)
+	for k := 1; k < len(seqs); k++ {
+		assert.Equal(t, seqs[k-1]+1, seqs[k], "%v", seqs)
+	}
+	assert.Equal(t, n-1, seqs[len(seqs)-1])
+}
