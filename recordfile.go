@@ -157,7 +157,15 @@ func (w *recorder) rotate() error {
 		}
 	}
 	if err := os.Rename(w.path, rotatedName(w.path, w.next)); err != nil {
-		return err
+		if !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		// The file was moved or deleted (taken away to be replayed, say): what was written went
+		// with it, and a new file begins at the path. (Retrying the rename failed every record.)
+		_ = w.f.Close()
+		w.f = nil
+		w.retryAt = time.Time{}
+		return w.open()
 	}
 	w.next++
 	_ = w.f.Close()
