@@ -870,3 +870,54 @@ func TestRecordUnderYaegi(t *testing.T) {
 	}
 	assert.Equal(t, n-1, seqs[len(seqs)-1])
 }
+
+// The file taken away while Traefik writes it (moved to be replayed, or deleted): the records
+// that were written go with it, and recording goes on at the path, none lost once the file is due
+// for rotation, none counted as failed.
+func TestRecordFileMovedAway(t *testing.T) {
+	dir := t.TempDir()
+	file, taken := filepath.Join(dir, "copies.gor"), filepath.Join(dir, "taken.gor")
+	metrics := freeAddr(t)
+	d := exampleDynamic(t)
+	recordMirror(d, "mirror-api", map[string]any{"file": file, "maxSize": 4096, "maxFiles": 5}, map[string]any{"metricsAddress": metrics})
+	e := startE2E(t, d)
+	send := func(i int) {
+		req := e.request(t, http.MethodPost, "/m/"+strconv.Itoa(i), bytes.NewReader(bytes.Repeat([]byte{'m'}, 900)))
+		req.Header.Set("X-Seq", strconv.Itoa(i))
+		r := harness.Do(e.client, req)
+		require.NoError(t, r.Err)
+		require.Equal(t, http.StatusOK, r.Status)
+		_, ok := e.mirror.Next(waitLimit) // the record is written before the copy leaves
+		require.True(t, ok, "copy %d", i)
+	}
+	const before, after = 2, 12
+	for i := 0; i < before; i++ {
+		send(i)
+	}
+	require.NoError(t, os.Rename(file, taken))
+	for i := before; i < before+after; i++ {
+		send(i)
+	}
+	s := waitScrape(t, metrics, func(s *scrape) bool {
+		v, _ := s.value("traefik_mirror_records_total", map[string]string{"middleware": "mirror-api@file"})
+		f, _ := s.value("traefik_mirror_record_failures_total", map[string]string{"middleware": "mirror-api@file"})
+		return v+f == before+after
+	}, "records and failures")
+	failed, _ := s.value("traefik_mirror_record_failures_total", map[string]string{"middleware": "mirror-api@file"})
+	assert.Zero(t, failed, "records not written after the file was moved")
+	seen := map[int]bool{}
+	names, err := filepath.Glob(filepath.Join(dir, "*.gor"))
+	require.NoError(t, err)
+	for _, name := range names {
+		for _, p := range readGor(t, name) {
+			req, _ := p.request(t)
+			seq, err := strconv.Atoi(req.Header.Get("X-Seq"))
+			require.NoError(t, err)
+			seen[seq] = true
+		}
+	}
+	t.Logf("files: %v; records found: %d of %d", names, len(seen), before+after)
+	assert.Len(t, seen, before+after, "every record in one of the files")
+	_, err = os.Stat(file)
+	assert.NoError(t, err, "recording goes on at the path")
+}
