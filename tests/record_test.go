@@ -38,7 +38,11 @@ func goreplayBinary(t *testing.T) string {
 	if p, err := exec.LookPath("goreplay"); err == nil {
 		return p
 	}
-	p := filepath.Join(build.Default.GOPATH, "bin", "goreplay")
+	gopath := build.Default.GOPATH
+	if out, err := exec.Command("go", "env", "GOPATH").Output(); err == nil && len(bytes.TrimSpace(out)) > 0 {
+		gopath = string(bytes.TrimSpace(out))
+	}
+	p := filepath.Join(gopath, "bin", "goreplay")
 	if _, err := os.Stat(p); err == nil {
 		return p
 	}
