@@ -135,6 +135,11 @@ func keepRecord(m *mirror, c *copyRequest, out *http.Request, target string) {
 	if rs.differences && (c.capture == nil || c.stream != nil) {
 		return // only a compared copy can differ, and a streamed one is not compared
 	}
+	if strings.IndexByte(target, ' ') >= 0 {
+		// A raw query may hold spaces (HTTP/2's :path is not split on them): written as they
+		// came, the request line would not parse, and GoReplay would skip the record.
+		target = strings.ReplaceAll(target, " ", "%20")
+	}
 	r := &recorded{method: out.Method, target: target, host: out.Host, header: out.Header, body: c.body, length: int64(len(c.body)), began: c.began}
 	if c.began.IsZero() {
 		r.began = time.Now() // serve's short path does not time its copies

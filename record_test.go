@@ -192,6 +192,30 @@ func TestRecordRotation(t *testing.T) {
 	equal(t, s.m.st.recordFailed, 0, "failures")
 }
 
+// TestRecordFileTakenAway: the file moved away while open; at its rotation a new one begins at
+// the path, with no record failed.
+func TestRecordFileTakenAway(t *testing.T) {
+	t.Parallel()
+	cfg, path := recordConfig(t, "copies")
+	cfg.Record.MaxSize = minRecordMaxSize
+	s := newStack(t, cfg, nil)
+	body := bytes.Repeat([]byte("x"), 3000) // one record per file
+	for i := 1; i <= 4; i++ {
+		if i == 2 {
+			noError(t, os.Rename(path, path+".taken"))
+		}
+		code, _ := s.do(t, newRequest(t, http.MethodPost, s.front.URL+"/r", bytes.NewReader(body)))
+		equal(t, code, http.StatusOK, "status")
+		s.waitOutcome(t, sent, int64(i))
+	}
+	equal(t, len(readPayloads(t, path+".taken")), 1, "payloads in the file taken away")
+	equal(t, len(readPayloads(t, path)), 1, "payloads in the new file")
+	rotated, err := filepath.Glob(strings.TrimSuffix(path, ".gor") + "_*.gor")
+	noError(t, err)
+	equal(t, len(rotated), 2, "rotated files")
+	equal(t, atomic.LoadInt64(&s.m.st.recordFailed), 0, "failures")
+}
+
 // TestRecordFailuresLeaveCopies: a file that cannot be written is no configuration error; the
 // copies go on, the failures are counted and said at ERROR, naming the file.
 func TestRecordFailuresLeaveCopies(t *testing.T) {
@@ -321,7 +345,9 @@ func TestWritable(t *testing.T) {
 		{"ab" + sep + "cd", 100, 2},
 		{"ab" + sep[:len(sep)-1], 100, 2},
 		{"ab\U0001F435\U0001F648\U0001F649\n", 100, 15}, // not at a line's start
-		{"\U0001F435\U0001F648\U0001F649", 100, 0},      // the separator's newline follows the body
+		{sep[1 : len(sep)-1], 100, 0},                   // the body's first line, ended by the separator
+		{sep[1:len(sep)-1] + "\nmore", 12, 0},           // the same, cut by the limit
+		{"x" + sep[1:len(sep)-1], 100, 13},              // not at a line's start
 	} {
 		equal(t, writable([]byte(test.body), test.limit), test.want, "writable of "+test.body)
 	}

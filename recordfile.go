@@ -29,6 +29,7 @@ type recorder struct {
 	broken   bool     // a write was cut short: the next payload begins with the separator
 	closed   bool     // no middleware names this file any more
 	retryAt  time.Time
+	checked  time.Time // when the path was last seen to name the open file
 	next     int // the index the next rotated file gets
 	maxSize  int64
 	maxFiles int
@@ -100,6 +101,11 @@ func (w *recorder) write(b []byte) error {
 	if w.closed {
 		return errRecordClosed
 	}
+	if w.f != nil && w.regular && time.Since(w.checked) >= time.Second && !w.stillThere() {
+		_ = w.f.Close() // moved or deleted (taken away to be replayed, say): begun anew at the path
+		w.f = nil
+		w.retryAt = time.Time{}
+	}
 	if w.f == nil {
 		if err := w.open(); err != nil {
 			return err
@@ -117,6 +123,14 @@ func (w *recorder) write(b []byte) error {
 	w.size += int64(n)
 	w.broken = err != nil && n > 0
 	return err
+}
+
+// stillThere says whether the path still names the open file; it is asked at most once a second.
+func (w *recorder) stillThere() bool {
+	w.checked = time.Now()
+	open, err1 := w.f.Stat()
+	named, err2 := os.Stat(w.path)
+	return err1 == nil && err2 == nil && os.SameFile(open, named)
 }
 
 // open opens the file for appending, creating it, unless it failed a moment ago. Anything but a
@@ -142,6 +156,7 @@ func (w *recorder) open() error {
 	w.size = info.Size()
 	w.regular = info.Mode().IsRegular()
 	w.broken = false
+	w.checked = time.Now()
 	return nil
 }
 
@@ -155,7 +170,15 @@ func (w *recorder) rotate() error {
 		}
 	}
 	if err := os.Rename(w.path, rotatedName(w.path, w.next)); err != nil {
-		return err
+		if !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		// The file was moved or deleted (taken away to be replayed, say): what was written went
+		// with it, and a new file begins at the path. (Retrying the rename failed every record.)
+		_ = w.f.Close()
+		w.f = nil
+		w.retryAt = time.Time{}
+		return w.open()
 	}
 	w.next++
 	_ = w.f.Close()
