@@ -30,7 +30,7 @@ type recorder struct {
 	closed   bool     // no middleware names this file any more
 	retryAt  time.Time
 	checked  time.Time // when the path was last seen to name the open file
-	next     int // the index the next rotated file gets
+	next     int       // the index the next rotated file gets
 	maxSize  int64
 	maxFiles int
 

@@ -101,7 +101,6 @@ func main() {
 	if recordDir, err = os.MkdirTemp("", "loadbench-record-"); err != nil {
 		panic(err)
 	}
-	defer func() { _ = os.RemoveAll(recordDir) }()
 
 	fmt.Printf("# Load benchmark\n\n%d rounds of %s per mode, %d keep-alive connections, POST bodies, Traefik %s, %s\n",
 		*rounds, *duration, *conns, traefikVersion(), machine())
@@ -124,6 +123,7 @@ func main() {
 			os.Exit(1)
 		}
 	}
+	_ = os.RemoveAll(recordDir)
 }
 
 // sameBody reads a body to its end, comparing it with expect piece by piece (a 16 MiB body per
