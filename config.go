@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"regexp"
 	"sort"
 	"strconv"
@@ -310,6 +311,9 @@ func compile(c *Config) (settings, error) {
 	}
 	if s.record, err = compileRecord(&c.Record, s.compare != nil); err != nil {
 		return s, err
+	}
+	if s.record != nil && s.compare != nil && s.compare.logFile != "" && s.record.file == filepath.Clean(s.compare.logFile) {
+		return s, fmt.Errorf("mirror: invalid record.file %q: it is compare.logFile too, whose lines would break its records", c.Record.File)
 	}
 	s.metrics = s.metricsAddress != ""
 	s.choose = s.share < 1 || s.gate

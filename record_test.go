@@ -319,10 +319,15 @@ func TestRecordConfiguration(t *testing.T) {
 		{func(r *RecordConfig) { r.MaxFiles = -1 }, "record.maxFiles"},
 		{func(r *RecordConfig) { r.MaxBodySize = -1 }, "record.maxBodySize"},
 		{func(r *RecordConfig) { r.RedactHeaders = []string{"Bad Name"} }, "record.redactHeaders"},
+		{func(r *RecordConfig) { r.What = "differences"; r.File = "./same.log" }, "compare.logFile"},
 	} {
 		cfg := CreateConfig()
 		cfg.URL = "http://127.0.0.1:1"
 		cfg.Record.File = filepath.Join(t.TempDir(), "r.gor")
+		if test.want == "compare.logFile" {
+			cfg.Compare.Enabled = true
+			cfg.Compare.LogFile = "same.log"
+		}
 		test.set(&cfg.Record)
 		_, err := compile(cfg)
 		if err == nil || !strings.Contains(err.Error(), test.want) {
