@@ -295,15 +295,8 @@ func compile(c *Config) (settings, error) {
 		s.rateTolerance = int64(burst-1) * s.rateInterval
 	}
 
-	if c.MetricsAddress != "" {
-		host, port, err := net.SplitHostPort(c.MetricsAddress)
-		if err != nil {
-			return s, fmt.Errorf("mirror: invalid metricsAddress %q: %w", c.MetricsAddress, err)
-		}
-		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
-			return s, fmt.Errorf("mirror: invalid metricsAddress %q: port must be a number from 1 to 65535", c.MetricsAddress)
-		}
-		s.metricsAddress = net.JoinHostPort(host, port)
+	if s.metricsAddress, err = metricsAddress(c.MetricsAddress); err != nil {
+		return s, err
 	}
 
 	if s.compare, err = compileCompare(&c.Compare); err != nil {
@@ -326,6 +319,21 @@ func compile(c *Config) (settings, error) {
 		}
 	}
 	return s, nil
+}
+
+// metricsAddress checks a metricsAddress ("" for none) and gives it as the listener is keyed.
+func metricsAddress(addr string) (string, error) {
+	if addr == "" {
+		return "", nil
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", fmt.Errorf("mirror: invalid metricsAddress %q: %w", addr, err)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return "", fmt.Errorf("mirror: invalid metricsAddress %q: port must be a number from 1 to 65535", addr)
+	}
+	return net.JoinHostPort(host, port), nil
 }
 
 func compileURL(s *settings, c *Config) error {

@@ -140,6 +140,15 @@ func writeMetrics(w *bufio.Writer, all []*state) {
 			}
 		}
 	}
+	family(w, "traefik_mirror_config_error", "gauge",
+		"1 while the middleware's options are wrong: it mirrors nothing, and requests go on unmirrored (the log line says why).")
+	for i, st := range all {
+		var bad int64
+		if line, _ := st.configError.Load().(string); line != "" {
+			bad = 1
+		}
+		sample(w, "traefik_mirror_config_error", mw[i], bad)
+	}
 	family(w, "traefik_mirror_inflight", "gauge", "Copies in flight now.")
 	for i, st := range all {
 		sample(w, "traefik_mirror_inflight", mw[i], holding(st))

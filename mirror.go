@@ -48,6 +48,13 @@ func New(_ context.Context, next http.Handler, config *Config, name string) (htt
 		if config != nil && config.FailClosed {
 			return nil, err
 		}
+		// The metrics say so too, where they can be served: an alert on a middleware that
+		// mirrors nothing, whatever its log says.
+		if config != nil {
+			if addr, bad := metricsAddress(config.MetricsAddress); bad == nil {
+				useMetrics(st, addr)
+			}
+		}
 		return misconfigured(st, next, err), nil
 	}
 	st.configError.Store("")

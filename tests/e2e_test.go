@@ -591,6 +591,14 @@ func TestTraefikBadConfiguration(t *testing.T) {
 			assert.Contains(t, lines[0], "mirroring is off", name)
 		}
 	}
+	// The metrics say which middlewares mirror nothing (each names the example's metricsAddress).
+	s := mustScrape(t, e.traefik.MetricsURL)
+	for name := range failOpen {
+		v, ok := s.value("traefik_mirror_config_error", map[string]string{"middleware": name + "@file"})
+		assert.True(t, ok && v == 1, "%s: traefik_mirror_config_error %v", name, v)
+	}
+	v, ok := s.value("traefik_mirror_config_error", map[string]string{"middleware": "mirror-api@file"})
+	assert.True(t, ok && v == 0, "mirror-api: traefik_mirror_config_error %v", v)
 	for _, name := range []string{"closed", "undecodable"} {
 		r := harness.Do(e.client, e.request(t, http.MethodGet, "/"+name, nil))
 		require.NoError(t, r.Err)

@@ -34,6 +34,7 @@ var mirrorFamilies = map[string]string{
 	"traefik_mirror_copy_duration_seconds": "histogram",
 	"traefik_mirror_responses_total":       "counter",
 	"traefik_mirror_inflight":              "gauge",
+	"traefik_mirror_config_error":          "gauge",
 	"traefik_mirror_copied_bytes_total":    "counter",
 	"traefik_mirror_retries_total":         "counter",
 	"traefik_mirror_compared_total":        "counter",

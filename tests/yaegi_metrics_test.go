@@ -182,3 +182,31 @@ func TestYaegiMetricsExposition(t *testing.T) {
 	resp.Body.Close()
 	assert.Equal(t, http.StatusNotFound, resp.StatusCode)
 }
+
+// A mistake in the options (failing open: nothing is mirrored) shows in the metrics, served at
+// the metricsAddress it names, until a build of the middleware succeeds.
+func TestYaegiConfigErrorMetric(t *testing.T) {
+	p := loadInterpreted(t)
+	mirrorUp, err := harness.StartUpstream("127.0.0.1:0", 100, nil)
+	require.NoError(t, err)
+	t.Cleanup(mirrorUp.Close)
+	metrics := freeAddr(t)
+	const name = "typo@file"
+	next := &countingNext{}
+	h, err := p.handler(next, asStrings(map[string]any{"url": mirrorUp.URL, "metricsAddress": metrics, "percent": "150"}), name)
+	require.NoError(t, err, "fails open")
+	serveDirect(t, h, http.MethodGet, "/", nil)
+	s := waitScrape(t, metrics, func(s *scrape) bool {
+		v, ok := s.value("traefik_mirror_config_error", map[string]string{"middleware": name})
+		return ok && v == 1
+	}, "config_error 1")
+	assert.Equal(t, expectOutcomes(nil), s.outcomes(name), "nothing mirrored")
+
+	h, err = p.handler(next, asStrings(map[string]any{"url": mirrorUp.URL, "metricsAddress": metrics}), name)
+	require.NoError(t, err)
+	serveDirect(t, h, http.MethodGet, "/", nil)
+	waitScrape(t, metrics, func(s *scrape) bool {
+		v, ok := s.value("traefik_mirror_config_error", map[string]string{"middleware": name})
+		return ok && v == 0 && s.outcome(name, "sent") == 1
+	}, "config_error 0 once fixed, and the copy counted")
+}
