@@ -180,7 +180,7 @@ type copyRequest struct {
 
 	askedGzip bool // the copy asks for gzip where the client asked for no encoding (see meant)
 
-	began   time.Time // when the copy was sent (with metrics or compare)
+	began   time.Time // when the copy was sent (with metrics, compare or record)
 	code    int       // the mirror's last answer's status, once read
 	outcome outcome
 	err     error
@@ -205,10 +205,6 @@ func send(m *mirror, c *copyRequest) {
 	// request line comes as the primary gets it: Traefik's entry point has already turned the
 	// query's semicolons into '&' (or %3B).
 	u := out.URL
-	target := ""
-	if m.record != nil {
-		target = u.RequestURI()
-	}
 	out.URL = &url.URL{Scheme: m.scheme, Host: m.host, Path: u.Path, RawPath: u.RawPath, RawQuery: u.RawQuery}
 	if m.basePath != "" {
 		rebase(m, out.URL)
@@ -230,6 +226,9 @@ func send(m *mirror, c *copyRequest) {
 			delete(h, name)
 		}
 		h[loopHeader] = ownLoop // it arrived without one
+		if m.metrics {
+			c.began = time.Now() // for the histogram (fullHeaders times the other copies)
+		}
 	}
 	// Traefik's transport asks the primary for gzip when the client did not say; so does the copy.
 	if h["Accept-Encoding"] == nil && h["Range"] == nil && out.Method != "HEAD" {
@@ -248,7 +247,7 @@ func send(m *mirror, c *copyRequest) {
 		h["X-Forwarded-For"] = []string{ip}
 	}
 	if m.record != nil {
-		keepRecord(m, c, out, target)
+		keepRecord(m, c, out, u)
 	}
 	h[markerHeader] = m.marker
 	if m.shape {
@@ -430,12 +429,7 @@ func panicked(r any) error { return fmt.Errorf("panic: %v", r) }
 // answered it, the answer's status and the body bytes sent. (Only with metricsAddress: an option
 // that is not configured costs nothing per copy.)
 func measured(m *mirror, c *copyRequest) {
-	began := c.began // a copy of the short path: from when it was cloned, its deadline set
-	if began.IsZero() {
-		deadline, _ := c.req.Context().Deadline()
-		began = deadline.Add(-m.timeout)
-	}
-	d := int64(time.Since(began))
+	d := int64(time.Since(c.began))
 	b := 0 // the bucket: a loop of comparisons allocates nothing, a call into compiled code does
 	for b < len(durationBounds) && d > durationBounds[b] {
 		b++

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"net/http"
+	"net/url"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -128,13 +129,14 @@ type recorded struct {
 	began  time.Time
 }
 
-// keepRecord takes what the record of a copy needs before send shapes it, and writes it now when
+// keepRecord takes what the record of a copy needs before send shapes it (u: the request's URL), and writes it now when
 // copies are recorded; differences are written once the answers are judged (see judge).
-func keepRecord(m *mirror, c *copyRequest, out *http.Request, target string) {
+func keepRecord(m *mirror, c *copyRequest, out *http.Request, u *url.URL) {
 	rs := m.record
 	if rs.differences && (c.capture == nil || c.stream != nil) {
 		return // only a compared copy can differ, and a streamed one is not compared
 	}
+	target := u.RequestURI() // the request's, as the primary got it (out.URL is the mirror's now)
 	if strings.IndexByte(target, ' ') >= 0 {
 		// A raw query may hold spaces (HTTP/2's :path is not split on them): written as they
 		// came, the request line would not parse, and GoReplay would skip the record.
