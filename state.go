@@ -60,10 +60,10 @@ type state struct {
 	counts   [numOutcomes]int64 // atomic
 	inflight int64              // atomic: copies holding a slot, plus pausedSlots while paused (see holding)
 	retries  int64              // atomic
+	tat      int64              // atomic: when the rate budget is next whole, unix nanoseconds
+	paused   atomic.Bool        // the mirror refused a connection a moment ago
 
-	records, recordBytes, recordFailed int64       // atomic: payloads (or exchanges) written, their bytes, those not written
-	tat                                int64       // atomic: when the rate budget is next whole, unix nanoseconds
-	paused                             atomic.Bool // the mirror refused a connection a moment ago
+	records, recordBytes, recordFailed int64 // atomic: records (or exchanges) written, their bytes, those not written
 
 	// What only the metrics need, counted under one lock: two calls per copy under Yaegi where
 	// an atomic add each would be four. (codes is a slice: under Yaegi every function that
