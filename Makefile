@@ -14,6 +14,7 @@ unit:
 	# A count, not a duration: a duration races Go 1.26's fuzz coordinator at its deadline and
 	# fails with "context deadline exceeded" and no crasher (golang/go#75804, fixed in Go 1.27).
 	go test -run '^$$' -fuzz FuzzCopyTarget -fuzztime 20000x .
+	go test -run '^$$' -fuzz FuzzRESPReply -fuzztime 20000x .
 
 # The suite's results come last, then the tests it skipped and why (cmd/testsummary reads go
 # test -json: a skip, such as the Prometheus test without Debian's prometheus, is easy to miss).

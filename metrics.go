@@ -201,4 +201,5 @@ func writeMetrics(w *bufio.Writer, all []*state) {
 			}
 		}
 	}
+	writeLeaseMetrics(w, all, mw)
 }

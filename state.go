@@ -82,6 +82,8 @@ type state struct {
 	configError    atomic.Value // string: why the last build of this middleware failed, or ""
 	nextConfigLine atomic.Int64 // unix nanoseconds before which configError is not repeated
 
+	lease *lease // the budget shared through Redis (fleet.go)
+
 	mu              sync.Mutex
 	reported        [numOutcomes]int64
 	reportedRetries int64
@@ -148,7 +150,7 @@ func stateFor(name string) *state {
 	defer registryMu.Unlock()
 	st := registry[name]
 	if st == nil {
-		st = &state{name: name, debug: debugLine, error: errorLine, codes: make([]int64, maxCode)}
+		st = &state{name: name, debug: debugLine, error: errorLine, codes: make([]int64, maxCode), lease: newLease()}
 		st.metricsAddress.Store("")
 		registry[name] = st
 	}
