@@ -60,6 +60,14 @@ func (m *yaegiFleetMember) gauge(t *testing.T, family, name string) float64 {
 	return v
 }
 
+func startFleetMirror(t *testing.T) *harness.Upstream {
+	t.Helper()
+	m, err := harness.StartUpstream("127.0.0.1:0", 100, nil)
+	require.NoError(t, err)
+	t.Cleanup(m.Close)
+	return m
+}
+
 // pacedCopies sends rate requests per second to each front for d and returns the copies per
 // second the mirror got after skip.
 func pacedCopies(t *testing.T, mirror *harness.Upstream, d, skip time.Duration, rates map[string]float64) float64 {
@@ -91,7 +99,7 @@ func pacedCopies(t *testing.T, mirror *harness.Upstream, d, skip time.Duration, 
 // falls back to maxRate / 2 and says so at ERROR.
 func TestYaegiRedisFleet(t *testing.T) {
 	r := startRedis(t)
-	mirror := startShapingMirror(t, nil)
+	mirror := startFleetMirror(t)
 	const name = "fleet@file"
 	options := map[string]any{"maxRate": "20", "redis": map[string]any{
 		"endpoints": []string{r.Addr}, "dialTimeout": "300ms", "readTimeout": "300ms",
@@ -123,7 +131,7 @@ func TestYaegiRedisFleet(t *testing.T) {
 // endpoint, no panic ends the budget goroutine, the requests are served.
 func TestYaegiRedisHostile(t *testing.T) {
 	p := loadInterpreted(t)
-	mirror := startShapingMirror(t, nil)
+	mirror := startFleetMirror(t)
 	for _, tc := range []struct {
 		desc, reply string
 		want        string
@@ -178,7 +186,7 @@ func TestYaegiRedisTLS(t *testing.T) {
 	_ = r
 
 	p := loadInterpreted(t)
-	mirror := startShapingMirror(t, nil)
+	mirror := startFleetMirror(t)
 	metrics, err := harness.FreeAddrs(1)
 	require.NoError(t, err)
 	const name = "tls@file"
