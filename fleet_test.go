@@ -333,3 +333,34 @@ func TestLeaseMetrics(t *testing.T) {
 		contains(t, b.String(), want)
 	}
 }
+
+// The rate budget holds under contention (the fallback of the shared budget is this budget):
+// many goroutines taking from it at once never start it afresh.
+func TestAllowUnderContention(t *testing.T) {
+	t.Parallel()
+	st := &state{}
+	const rate = 500
+	interval := int64(time.Second / rate)
+	tolerance := (rate - 1) * interval
+	var n int64
+	done := make(chan struct{})
+	start := time.Now()
+	end := start.Add(2 * time.Second)
+	for g := 0; g < 64; g++ {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for time.Now().Before(end) {
+				if allow(st, interval, tolerance) {
+					atomic.AddInt64(&n, 1)
+				}
+			}
+		}()
+	}
+	for g := 0; g < 64; g++ {
+		<-done
+	}
+	most := rate*time.Since(start).Seconds() + rate // the rate, and a second's burst
+	if got := float64(atomic.LoadInt64(&n)); got > most {
+		t.Fatalf("%v copies allowed in %v at %d/s, want at most %v", got, time.Since(start), rate, most)
+	}
+}
