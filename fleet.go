@@ -167,7 +167,7 @@ func fileOrContent(v string) ([]byte, error) {
 const (
 	leasePeriod   = 100 * time.Millisecond
 	leaseMost     = 2           // periods of maxRate one lease asks for at most
-	leaseValidFor = time.Second // how long after Redis last answered its word stands (a goroutine late under load is not a failure)
+	leaseValidFor = time.Second // an exchange that takes longer: Redis is slow, the fallback applies
 	leaseRetry    = time.Second // between attempts while Redis fails
 	leaseGone     = 30 * time.Second
 	replicaTTL    = 5 * time.Second // a process not heard of for this long is not counted
@@ -214,14 +214,15 @@ var fleetProcess = newToken()
 
 // lease is the shared budget's side of a middleware name's state.
 type lease struct {
-	tokens     int64 // atomic: copies this process may still send from its leases
-	validUntil int64 // atomic: unix nanoseconds until which Redis's word stands (see spend)
-	replicas   int64 // atomic: processes sharing the budget at the last answer; 1 before any
-	granted    int64 // atomic: tokens Redis granted, in all
-	errors     int64 // atomic: exchanges with Redis that failed
-	used       atomic.Bool
-	running    atomic.Bool
-	cfg        atomic.Value // *leaseConfig; leaseOff when the name has no redis block
+	tokens   int64 // atomic: copies this process may still send from its leases
+	shared   int32 // atomic: 1 while Redis answers, each exchange within leaseValidFor (see spend)
+	replicas int64 // atomic: processes sharing the budget at the last answer; 1 before any
+	fallback int64 // atomic: nanoseconds between copies at the fallback rate, maxRate / replicas
+	granted  int64 // atomic: tokens Redis granted, in all
+	errors   int64 // atomic: exchanges with Redis that failed
+	used     atomic.Bool
+	running  atomic.Bool
+	cfg      atomic.Value // *leaseConfig; leaseOff when the name has no redis block
 }
 
 // leaseConfig is what the budget's goroutine works with, as the last New of the name left it.
@@ -262,6 +263,7 @@ func useLease(ctx context.Context, st *state, s *settings, on bool) {
 		redis: s.redis, rate: s.maxRate, burst: burst, interval: s.rateInterval,
 		bucket: leaseKeyPrefix + st.name + ":bucket", procs: leaseKeyPrefix + st.name + ":processes", ctx: ctx,
 	})
+	atomic.StoreInt64(&l.fallback, s.rateInterval*atomic.LoadInt64(&l.replicas))
 	if l.running.CompareAndSwap(false, true) {
 		go leaseLoop(st)
 	}
@@ -272,19 +274,15 @@ func useLease(ctx context.Context, st *state, s *settings, on bool) {
 // the fallback: maxRate divided by the processes last seen, counted locally.
 func spend(m *mirror) bool {
 	l := m.st.lease
-	for {
-		n := atomic.LoadInt64(&l.tokens)
-		if n <= 0 {
-			break
-		}
+	for n := atomic.LoadInt64(&l.tokens); n > 0; n = atomic.LoadInt64(&l.tokens) {
 		if atomic.CompareAndSwapInt64(&l.tokens, n, n-1) {
 			return true
 		}
 	}
-	if time.Now().UnixNano() < atomic.LoadInt64(&l.validUntil) {
+	if atomic.LoadInt32(&l.shared) == 1 {
 		return false
 	}
-	return allow(m.st, m.rateInterval*atomic.LoadInt64(&l.replicas), m.rateTolerance)
+	return allow(m.st, atomic.LoadInt64(&l.fallback), m.rateTolerance)
 }
 
 // leaser is the budget goroutine's own state.
@@ -310,7 +308,7 @@ func leaseLoop(st *state) {
 			ls.conn.close()
 		}
 		atomic.StoreInt64(&ls.l.tokens, 0)
-		atomic.StoreInt64(&ls.l.validUntil, 0)
+		atomic.StoreInt32(&ls.l.shared, 0)
 		atomic.AddInt64(&leaseLoops, -1)
 		ls.l.running.Store(false)
 	}()
@@ -375,11 +373,13 @@ func (ls *leaser) exchange(cfg *leaseConfig) {
 	} else {
 		want = target - held
 	}
+	watchdog := time.AfterFunc(leaseValidFor, ls.stale)
 	r, err := ls.conn.eval(leaseScriptSHA, leaseScript, []string{cfg.bucket, cfg.procs}, []string{
 		strconv.FormatFloat(cfg.rate, 'f', -1, 64), strconv.FormatFloat(cfg.burst, 'f', -1, 64),
 		strconv.FormatInt(want, 10), strconv.FormatInt(give, 10), fleetProcess,
 		strconv.FormatInt(replicaTTL.Milliseconds(), 10),
 	})
+	watchdog.Stop()
 	var grant, replicas int64
 	switch {
 	case err != nil:
@@ -397,13 +397,21 @@ func (ls *leaser) exchange(cfg *leaseConfig) {
 		return
 	}
 	atomic.StoreInt64(&l.replicas, replicas)
+	atomic.StoreInt64(&l.fallback, cfg.interval*replicas)
 	atomic.AddInt64(&l.granted, grant)
 	ls.held = atomic.AddInt64(&l.tokens, grant)
-	atomic.StoreInt64(&l.validUntil, time.Now().Add(leaseValidFor).UnixNano())
+	atomic.StoreInt32(&l.shared, 1)
 	if ls.failing {
 		ls.failing = false
 		ls.st.debug("mirror " + ls.st.name + ": redis " + ls.conn.endpoint + " answers again: the shared copy budget is back")
 	}
+}
+
+// stale stops trusting Redis's word when an exchange has taken leaseValidFor: Redis is slow,
+// and the fallback rate applies until it answers (it runs in a timer's goroutine).
+func (ls *leaser) stale() {
+	defer func() { _ = recover() }() // a panic in a goroutine the plugin started would kill Traefik
+	atomic.StoreInt32(&ls.l.shared, 0)
 }
 
 // takeBack takes up to n tokens back from the local lease, and says how many it took.
@@ -442,7 +450,7 @@ func leaseReply(r respReply, want int64) (grant, replicas int64, err error) {
 // from now), and says why at ERROR, at most once per logInterval.
 func (ls *leaser) fail(cfg *leaseConfig, err error) {
 	atomic.AddInt64(&ls.l.errors, 1)
-	atomic.StoreInt64(&ls.l.validUntil, 0)
+	atomic.StoreInt32(&ls.l.shared, 0)
 	if ls.conn != nil {
 		ls.conn.close()
 		ls.conn = nil
@@ -479,11 +487,7 @@ func writeLeaseMetrics(w *bufio.Writer, all []*state, mw []string) {
 	family(w, "traefik_mirror_lease_shared", "gauge", "1 while Redis answers and the shared budget holds, 0 while the local fallback rate does.")
 	for i, st := range all {
 		if st.lease.used.Load() {
-			var v int64
-			if time.Now().UnixNano() < atomic.LoadInt64(&st.lease.validUntil) {
-				v = 1
-			}
-			sample(w, "traefik_mirror_lease_shared", mw[i], v)
+			sample(w, "traefik_mirror_lease_shared", mw[i], int64(atomic.LoadInt32(&st.lease.shared)))
 		}
 	}
 	family(w, "traefik_mirror_lease_processes", "gauge", "Processes sharing the budget, as Redis last counted them.")

@@ -167,8 +167,7 @@ func TestLeaseSharesTheBudget(t *testing.T) {
 	b.st.lease.cfg.Store(&cb)
 
 	eventually(t, func() bool {
-		return time.Now().UnixNano() < atomic.LoadInt64(&a.st.lease.validUntil) &&
-			time.Now().UnixNano() < atomic.LoadInt64(&b.st.lease.validUntil)
+		return atomic.LoadInt32(&a.st.lease.shared) == 1 && atomic.LoadInt32(&b.st.lease.shared) == 1
 	}, "no lease from Redis")
 	// The bucket starts full: drain it, then count over a window.
 	drainUntil := time.Now().Add(1500 * time.Millisecond)
@@ -215,7 +214,7 @@ func TestLeaseFallbackAndReturn(t *testing.T) {
 	st.error = func(line string) { _, _ = lines.Write([]byte(line + "\n")) }
 	m := leaseMiddleware(t, name, 40, redis)
 	l := m.st.lease
-	eventually(t, func() bool { return time.Now().UnixNano() < atomic.LoadInt64(&l.validUntil) }, "no lease from Redis")
+	eventually(t, func() bool { return atomic.LoadInt32(&l.shared) == 1 }, "no lease from Redis")
 
 	// Stop the server: the next exchanges fail.
 	_ = r.cmd.Process.Kill()
@@ -248,7 +247,7 @@ func TestLeaseFallbackAndReturn(t *testing.T) {
 	granted := atomic.LoadInt64(&l.granted)
 	eventually(t, func() bool {
 		take(m)
-		return atomic.LoadInt64(&l.granted) > granted && time.Now().UnixNano() < atomic.LoadInt64(&l.validUntil)
+		return atomic.LoadInt64(&l.granted) > granted && atomic.LoadInt32(&l.shared) == 1
 	}, "the shared budget did not come back")
 }
 
