@@ -217,6 +217,16 @@ func TestRedisWrongPassword(t *testing.T) {
 	}}).YAML()))
 	require.Eventually(t, func() bool { v, ok := leaseGauge(e.traefik, "traefik_mirror_lease_shared"); return ok && v == 1 },
 		waitLimit, 20*time.Millisecond, "no lease with the right password")
+	require.Eventually(t, func() bool { n, err := r.Clients("right-password"); return err == nil && n == 2 },
+		waitLimit, 20*time.Millisecond, "connections to Redis: one for the budget goroutine, one asking")
+
+	// redis removed by a reload: the budget goroutine ends and closes its connection.
+	require.NoError(t, e.traefik.SetDynamic(redisDynamic(t, map[string]any{"maxRate": 5}).YAML()))
+	require.Eventually(t, func() bool { n, err := r.Clients("right-password"); return err == nil && n == 1 },
+		waitLimit, 20*time.Millisecond, "the budget goroutine still holds a connection to Redis")
+	res := harness.Do(e.client, e.request(t, http.MethodGet, "/after", nil))
+	require.NoError(t, res.Err)
+	assert.Equal(t, http.StatusOK, res.Status)
 }
 
 // logLine is the first line of log that holds s.

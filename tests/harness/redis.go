@@ -1,12 +1,15 @@
 package harness
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -111,3 +114,28 @@ func Paced(client *http.Client, url string, rate float64, d time.Duration) (sent
 // RequireRedis says whether a missing redis-server fails the test instead of skipping it: in CI
 // (.ci/run installs it).
 func RequireRedis() bool { return os.Getenv("CI") != "" }
+
+// Clients returns how many clients are connected to the server, the one asking included
+// (INFO clients, after AUTH when password is set).
+func (r *Redis) Clients(password string) (int, error) {
+	c, err := net.DialTimeout("tcp", r.Addr, time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	cmd := "INFO clients\r\n"
+	if password != "" {
+		cmd = "AUTH " + password + "\r\n" + cmd
+	}
+	if _, err := c.Write([]byte(cmd)); err != nil {
+		return 0, err
+	}
+	sc := bufio.NewScanner(c)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "connected_clients:"); ok {
+			return strconv.Atoi(strings.TrimSpace(v))
+		}
+	}
+	return 0, fmt.Errorf("no connected_clients in INFO: %v", sc.Err())
+}
