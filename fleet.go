@@ -301,25 +301,41 @@ type leaser struct {
 
 func leaseLoop(st *state) {
 	atomic.AddInt64(&leaseLoops, 1)
+	defer atomic.AddInt64(&leaseLoops, -1)
 	ls := &leaser{st: st, l: st.lease}
 	defer func() {
-		_ = recover() // a panic in a goroutine the plugin started would kill Traefik
-		if ls.conn != nil {
-			ls.conn.close()
+		if recover() != nil { // a panic in a goroutine the plugin started would kill Traefik
+			ls.release()
+			ls.l.running.Store(false) // the next New starts another
 		}
-		atomic.StoreInt64(&ls.l.tokens, 0)
-		atomic.StoreInt32(&ls.l.shared, 0)
-		atomic.AddInt64(&leaseLoops, -1)
-		ls.l.running.Store(false)
 	}()
 	for {
 		cfg := ls.active()
 		if cfg == nil {
-			return
+			ls.release()
+			// A New that stored a configuration meanwhile saw this goroutine running and started
+			// none: look again once the flag is down.
+			ls.l.running.Store(false)
+			if ls.active() == nil || !ls.l.running.CompareAndSwap(false, true) {
+				return
+			}
+			continue
 		}
 		ls.exchange(cfg)
 		time.Sleep(leasePeriod)
 	}
+}
+
+// release closes the connection and drops the lease: the shared budget is not this process's
+// while no goroutine keeps it.
+func (ls *leaser) release() {
+	if ls.conn != nil {
+		ls.conn.close()
+		ls.conn = nil
+	}
+	atomic.StoreInt64(&ls.l.tokens, 0)
+	atomic.StoreInt32(&ls.l.shared, 0)
+	ls.held = 0
 }
 
 // active returns the configuration to work with, or nil when the goroutine should end.
@@ -330,7 +346,8 @@ func (ls *leaser) active() *leaseConfig {
 	}
 	if cfg.ctx != nil && cfg.ctx.Err() != nil {
 		if ls.goneCfg != cfg {
-			ls.goneCfg, ls.goneAt = cfg, time.Now()
+			ls.goneCfg = cfg // (two statements: Yaegi v0.16.1 can lose a tuple assignment to fields)
+			ls.goneAt = time.Now()
 		} else if time.Since(ls.goneAt) > leaseGone {
 			return nil
 		}

@@ -363,3 +363,45 @@ func TestAllowUnderContention(t *testing.T) {
 		t.Fatalf("%v copies allowed in %v at %d/s, want at most %v", got, time.Since(start), rate, most)
 	}
 }
+
+// Rebuilds that take the redis block away and give it back in quick succession never leave the
+// name without its goroutine, nor with two.
+func TestLeaseOnOffOn(t *testing.T) {
+	// Not parallel: it counts every budget goroutine of the process.
+	fr := newFakeRedis(t, func(cmd []string) []byte {
+		if cmd[0] == "EVALSHA" {
+			return []byte("*2\r\n:0\r\n:1\r\n")
+		}
+		return []byte("+OK\r\n")
+	})
+	eventually(t, func() bool { return atomic.LoadInt64(&leaseLoops) == 0 }, "budget goroutines of other tests still run")
+	name := testName(t)
+	on := CreateConfig()
+	on.URL = "http://127.0.0.1:1"
+	on.MaxRate = 10
+	on.Redis.Endpoints = []string{fr.addr}
+	off := *on
+	off.Redis = defaultRedis()
+	next := http.HandlerFunc(func(http.ResponseWriter, *http.Request) {})
+	for i := 0; i < 300; i++ {
+		cfg := on
+		if i%2 == 1 {
+			cfg = &off
+		}
+		_, err := New(context.Background(), next, cfg, name)
+		noError(t, err)
+		if i%50 == 0 {
+			time.Sleep(leasePeriod) // let a goroutine reach its end now and then
+		}
+	}
+	_, err := New(context.Background(), next, on, name)
+	noError(t, err)
+	st := stateFor(name)
+	eventually(t, func() bool { return atomic.LoadInt32(&st.lease.shared) == 1 }, "no lease after the last rebuild")
+	// One, once a goroutine that lost the race to go on has returned.
+	eventually(t, func() bool { return atomic.LoadInt64(&leaseLoops) == 1 }, "budget goroutines: %d", atomic.LoadInt64(&leaseLoops))
+	time.Sleep(3 * leasePeriod) // and still one: a second would have no event to wait for
+	equal(t, atomic.LoadInt64(&leaseLoops), 1, "budget goroutines")
+	st.lease.cfg.Store(leaseOff)
+	eventually(t, func() bool { return atomic.LoadInt64(&leaseLoops) == 0 }, "the budget goroutine did not end")
+}

@@ -315,7 +315,8 @@ func (c *respConn) eval(sha, script string, keys, args []string) (respReply, err
 	if err != nil || !r.isError() || !strings.HasPrefix(r.str, "NOSCRIPT") {
 		return r, err
 	}
-	cmd[0], cmd[1] = "EVAL", script
+	cmd[0] = "EVAL"
+	cmd[1] = script
 	return c.do(cmd)
 }
 
