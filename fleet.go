@@ -291,8 +291,9 @@ type leaser struct {
 	l         *lease
 	conn      *respConn
 	retryAt   time.Time
-	held      int64 // l.tokens as the goroutine last left it
-	refused   int64 // the name's rateLimited count at the last exchange
+	held      int64     // l.tokens as the goroutine last left it
+	last      time.Time // when the last exchange began
+	refused   int64     // the name's rateLimited count at the last exchange
 	failing   bool
 	nextError time.Time
 	goneCfg   *leaseConfig // the configuration whose ctx was seen done
@@ -379,7 +380,15 @@ func (ls *leaser) exchange(cfg *leaseConfig) {
 	refused := ls.st.get(rateLimited)
 	demand := spent + refused - ls.refused
 	ls.refused = refused
-	most := int64(math.Ceil(cfg.rate * leasePeriod.Seconds() * leaseMost))
+	// At most leaseMost periods of the whole rate; a period is as long as it has been since the
+	// last exchange when this goroutine ran late (a loaded CPU), up to a second: else the process
+	// could not take its share.
+	since := now.Sub(ls.last)
+	if since < leasePeriod || since > time.Second {
+		since = leasePeriod
+	}
+	ls.last = now
+	most := int64(math.Ceil(cfg.rate * since.Seconds() * leaseMost))
 	target := demand + 1
 	if target > most {
 		target = most

@@ -153,7 +153,8 @@ func take(m *mirror) bool {
 // Two middleware states sharing one bucket take, in all, the shared rate, even when one has all
 // the demand.
 func TestLeaseSharesTheBudget(t *testing.T) {
-	t.Parallel()
+	// Not parallel: it measures rates, which the suite's parallel tests would disturb on a small
+	// machine.
 	r := startRedis(t)
 	redis := defaultRedis()
 	redis.Endpoints = []string{r.addr}
@@ -180,23 +181,37 @@ func TestLeaseSharesTheBudget(t *testing.T) {
 		desc  string
 		users []*mirror
 	}{{"split", []*mirror{a, b}}, {"all on one", []*mirror{a}}} {
-		var n int64
+		// Each user asks as a busy process would, far above the rate, from a goroutine of its
+		// own (one loop for both would halve one user's demand when the other stops).
+		var n, asked int64
 		window := 3 * time.Second
 		end := time.Now().Add(window)
-		for time.Now().Before(end) {
-			for _, m := range phase.users {
-				if take(m) {
-					n++
+		done := make(chan struct{})
+		for _, m := range phase.users {
+			go func(m *mirror) {
+				defer func() { done <- struct{}{} }()
+				for time.Now().Before(end) {
+					atomic.AddInt64(&asked, 1)
+					if take(m) {
+						atomic.AddInt64(&n, 1)
+					}
+					time.Sleep(200 * time.Microsecond) // the pace of the demand
 				}
-			}
-			time.Sleep(time.Millisecond)
+			}(m)
+		}
+		for range phase.users {
+			<-done
+		}
+		if asked < 3*rate*int64(window/time.Second) {
+			t.Fatalf("%s: only %d copies asked for in %v: the machine is too loaded for the measure", phase.desc, asked, window)
 		}
 		got := float64(n) / window.Seconds()
-		// The bound: the lease tokens held outside the bucket, 2 x 2 x rate x 0.1 s = 20 in 3 s.
-		if got < rate*0.85 || got > rate*1.15 {
-			t.Errorf("%s: %.1f copies/s, want %d +-15%%", phase.desc, got, rate)
+		// The bound: the lease tokens held outside the bucket, 2 x 10, and a period's refill, 5,
+		// in 150: 17%; the bucket's start (a full second's burst) was drained before.
+		if got < rate*0.8 || got > rate*1.2 {
+			t.Errorf("%s: %.1f copies/s, want %d +-20%%", phase.desc, got, rate)
 		}
-		t.Logf("%s: %.1f copies/s", phase.desc, got)
+		t.Logf("%s: %.1f copies/s (%d asked)", phase.desc, got, asked)
 	}
 }
 
