@@ -94,20 +94,33 @@ func load(t *testing.T, client *http.Client, d time.Duration, rates map[*harness
 	return bad
 }
 
+// settle waits until the copies of the last requests have arrived: until the mirror's count has
+// not moved for 50 ms (a copy is on its way for a millisecond or two on loopback), 2 s at most.
+func settle(mirror *harness.Upstream) {
+	last, since := mirror.Count(), time.Now()
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline) && time.Since(since) < 50*time.Millisecond; {
+		if n := mirror.Count(); n != last {
+			last, since = n, time.Now()
+		}
+		time.Sleep(5 * time.Millisecond) // polling, within the deadline
+	}
+}
+
 // copiesPerSecond runs a phase of load for d and returns the copies per second the mirror got
 // from skip after the phase's start to its end: the first seconds hold what the phase before
 // left (the bucket full at the very start, a process's lease held when its traffic stopped).
 func copiesPerSecond(t *testing.T, client *http.Client, mirror *harness.Upstream, d, skip time.Duration, rates map[*harness.Traefik]float64) float64 {
 	t.Helper()
+	mark := make(chan int, 1)
+	time.AfterFunc(skip, func() { mark <- mirror.Count() })
+	bad := load(t, client, d, rates)
+	settle(mirror)
 	var from int
-	marked := time.AfterFunc(skip, func() { from = mirror.Count() })
-	var wg sync.WaitGroup
-	wg.Add(1)
-	var bad int64
-	go func() { defer wg.Done(); bad = load(t, client, d, rates) }()
-	wg.Wait()
-	<-time.After(100 * time.Millisecond) // the copies of the last requests, at most ms behind
-	assert.False(t, marked.Stop(), "the phase was shorter than its skip")
+	select {
+	case from = <-mark:
+	case <-time.After(waitLimit):
+		t.Fatal("the phase was shorter than its skip")
+	}
 	got := float64(mirror.Count()-from) / (d - skip).Seconds()
 	assert.Zero(t, bad, "requests that did not end in 200")
 	return got

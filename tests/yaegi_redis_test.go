@@ -73,8 +73,8 @@ func startFleetMirror(t *testing.T) *harness.Upstream {
 func pacedCopies(t *testing.T, mirror *harness.Upstream, d, skip time.Duration, rates map[string]float64) float64 {
 	t.Helper()
 	client := harness.Client(64)
-	var from int
-	marked := time.AfterFunc(skip, func() { from = mirror.Count() })
+	mark := make(chan int, 1)
+	time.AfterFunc(skip, func() { mark <- mirror.Count() })
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var bad int64
@@ -89,8 +89,13 @@ func pacedCopies(t *testing.T, mirror *harness.Upstream, d, skip time.Duration, 
 		}(front+"/fleet", rate)
 	}
 	wg.Wait()
-	<-time.After(100 * time.Millisecond) // the copies of the last requests, at most ms behind
-	assert.False(t, marked.Stop(), "the phase was shorter than its skip")
+	settle(mirror)
+	var from int
+	select {
+	case from = <-mark:
+	case <-time.After(waitLimit):
+		t.Fatal("the phase was shorter than its skip")
+	}
 	assert.Zero(t, bad, "requests that did not end in 200")
 	return float64(mirror.Count()-from) / (d - skip).Seconds()
 }
