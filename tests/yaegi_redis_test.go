@@ -14,6 +14,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -247,4 +248,38 @@ func newLeaf(t *testing.T, ca *x509.Certificate, caKey *ecdsa.PrivateKey, name s
 func writePEM(t *testing.T, path, kind string, der []byte) {
 	t.Helper()
 	require.NoError(t, os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: kind, Bytes: der}), 0o600))
+}
+
+// A mistake in the redis block fails open, as every option's: the router serves, the ERROR says
+// which option and why.
+func TestYaegiRedisBadConfiguration(t *testing.T) {
+	p := loadInterpreted(t)
+	teapot := http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) { rw.WriteHeader(http.StatusTeapot) })
+	for _, tc := range []struct {
+		desc   string
+		config map[string]any
+		want   string
+	}{
+		{"no maxRate", map[string]any{"redis": map[string]any{"endpoints": []string{"127.0.0.1:6379"}}}, "invalid redis: maxRate must be set"},
+		{"no port", map[string]any{"maxRate": "5", "redis": map[string]any{"endpoints": []string{"redis"}}}, `invalid redis.endpoints "redis"`},
+		{"bad timeout", map[string]any{"maxRate": "5", "redis": map[string]any{"endpoints": []string{"r:1"}, "readTimeout": "3"}}, `invalid redis.readTimeout "3"`},
+		{"missing CA", map[string]any{"maxRate": "5", "redis": map[string]any{"endpoints": []string{"r:1"}, "tls": map[string]any{"ca": "/nonexistent/ca.pem"}}}, `invalid redis.tls.ca "/nonexistent/ca.pem"`},
+		{"password alone", map[string]any{"redis": map[string]any{"password": "x"}}, "invalid redis: options set without redis.endpoints"},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			config := map[string]any{"url": "http://127.0.0.1:1"}
+			for k, v := range tc.config {
+				config[k] = v
+			}
+			name := "bad-redis-" + strings.ReplaceAll(tc.desc, " ", "-") + "@file"
+			h, err := p.handler(teapot, traefikValues(config).(map[string]any), name)
+			require.NoError(t, err)
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/", nil))
+			assert.Equal(t, http.StatusTeapot, rec.Code, "the router serves")
+			line := logLine(p.stderr.String(), "mirror "+name+": ")
+			assert.Contains(t, line, tc.want)
+			assert.Contains(t, line, "mirroring is off")
+		})
+	}
 }
