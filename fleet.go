@@ -178,6 +178,7 @@ const (
 // (no process's clock matters), takes back what a process gives, grants at most what it asks
 // for, and counts the processes heard of within the TTL, this one included.
 // KEYS: bucket, processes. ARGV: rate per second, burst, want, give, process id, TTL in ms.
+// (ts is written with %.0f: Lua's tostring keeps 14 digits, and microseconds since 1970 take 16.)
 const leaseScript = `if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -193,7 +194,7 @@ local grant = math.floor(tokens)
 if grant > want then grant = want end
 if grant < 0 then grant = 0 end
 tokens = tokens - grant
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', string.format('%.0f', now))
 redis.call('PEXPIRE', KEYS[1], ttl * 12)
 redis.call('ZADD', KEYS[2], now, ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl * 1000)
