@@ -328,8 +328,12 @@ func TestLeaseHostileReplies(t *testing.T) {
 func TestLeaseMetrics(t *testing.T) {
 	t.Parallel()
 	fr := newFakeRedis(t, func(cmd []string) []byte {
-		if cmd[0] == "EVALSHA" {
-			return []byte("*2\r\n:1\r\n:3\r\n")
+		if cmd[0] == "EVALSHA" { // grants what is asked for (ARGV[3]), one at most; three processes
+			grant := "1"
+			if cmd[7] == "0" {
+				grant = "0"
+			}
+			return []byte("*2\r\n:" + grant + "\r\n:3\r\n")
 		}
 		return []byte("+OK\r\n")
 	})
