@@ -25,6 +25,7 @@ const (
 	respMaxArray = 64       // elements of one array
 	respMaxDepth = 4        // arrays within arrays
 	respMaxBytes = 64 << 10 // all the strings of one reply
+	respMaxItems = 256      // values in one reply, nested ones included (64^4 integers would not do)
 )
 
 var (
@@ -47,8 +48,9 @@ func (r respReply) isError() bool { return r.kind == '-' }
 
 // respReader reads replies from r within the bounds above.
 type respReader struct {
-	r    *bufio.Reader
-	left int // bytes still allowed in the current reply's strings
+	r     *bufio.Reader
+	left  int // bytes still allowed in the current reply's strings
+	items int // values still allowed in the current reply
 }
 
 func newRESPReader(r io.Reader) *respReader {
@@ -58,6 +60,7 @@ func newRESPReader(r io.Reader) *respReader {
 // read reads one whole reply.
 func (rr *respReader) read() (respReply, error) {
 	rr.left = respMaxBytes
+	rr.items = respMaxItems
 	return rr.value(0)
 }
 
@@ -77,6 +80,9 @@ func (rr *respReader) line() (string, error) {
 }
 
 func (rr *respReader) value(depth int) (respReply, error) {
+	if rr.items--; rr.items < 0 {
+		return respReply{}, errRESPTooLarge
+	}
 	l, err := rr.line()
 	if err != nil {
 		return respReply{}, err

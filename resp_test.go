@@ -43,6 +43,7 @@ func TestRESPReader(t *testing.T) {
 		{desc: "deep array", in: strings.Repeat("*1\r\n", respMaxDepth+1) + ":1\r\n", expFail: true, expErr: errRESPTooLarge},
 		{desc: "long line", in: "+" + strings.Repeat("a", respMaxLine) + "\r\n", expFail: true, expErr: errRESPTooLarge},
 		{desc: "truncated", in: "*2\r\n:1\r\n", expFail: true, expErr: io.EOF},
+		{desc: "values past the reply cap", in: "*64\r\n" + strings.Repeat("*64\r\n"+strings.Repeat(":1\r\n", 64), 64), expFail: true, expErr: errRESPTooLarge},
 		{desc: "strings past the reply cap", in: "*2\r\n$" + strconv.Itoa(respMaxBulk) + "\r\n" + strings.Repeat("a", respMaxBulk) + "\r\n$1\r\nb\r\n", expFail: true, expErr: errRESPTooLarge},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
@@ -98,17 +99,19 @@ func encodeReply(b []byte, r respReply) []byte {
 	return append(append(b, r.str...), '\r', '\n')
 }
 
-// replySize is what a reply holds in strings and elements: what the bounds are about.
-func replySize(r respReply, depth int) (bytes, maxDepth int) {
-	bytes, maxDepth = len(r.str), depth
+// replySize is what a reply holds in strings and values, and its depth: what the bounds are
+// about.
+func replySize(r respReply, depth int) (bytes, items, maxDepth int) {
+	bytes, items, maxDepth = len(r.str), 1, depth
 	for _, e := range r.elems {
-		b, d := replySize(e, depth+1)
+		b, n, d := replySize(e, depth+1)
 		bytes += b
+		items += n
 		if d > maxDepth {
 			maxDepth = d
 		}
 	}
-	return bytes, maxDepth
+	return bytes, items, maxDepth
 }
 
 // FuzzRESPReply feeds malformed and hostile replies to the reader: it never panics, never holds
@@ -127,9 +130,9 @@ func FuzzRESPReply(f *testing.F) {
 		if err != nil {
 			return
 		}
-		size, depth := replySize(r, 0)
-		if size > respMaxBytes || depth > respMaxDepth {
-			t.Fatalf("accepted a reply of %d bytes at depth %d", size, depth)
+		size, items, depth := replySize(r, 0)
+		if size > respMaxBytes || items > respMaxItems || depth > respMaxDepth {
+			t.Fatalf("accepted a reply of %d bytes, %d values, at depth %d", size, items, depth)
 		}
 		var elems func(r respReply) bool
 		elems = func(r respReply) bool {

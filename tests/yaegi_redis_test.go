@@ -146,6 +146,7 @@ func TestYaegiRedisHostile(t *testing.T) {
 		{"huge bulk", "$1099511627776\r\n", "over the client's bounds"},
 		{"huge array", "*1099511627776\r\n", "over the client's bounds"},
 		{"deep arrays", strings.Repeat("*1\r\n", 10) + ":1\r\n", "over the client's bounds"},
+		{"many values", "*64\r\n" + strings.Repeat("*64\r\n"+strings.Repeat(":1\r\n", 64), 64), "over the client's bounds"},
 		{"grant over the ask", "*2\r\n:1000000\r\n:1\r\n", "unexpected reply to the budget script"},
 		{"an error", "-ERR no\r\n", "ERR no"},
 		{"silence", "", "i/o timeout"},
