@@ -15,6 +15,7 @@ unit:
 	# fails with "context deadline exceeded" and no crasher (golang/go#75804, fixed in Go 1.27).
 	go test -run '^$$' -fuzz FuzzCopyTarget -fuzztime 20000x .
 	go test -run '^$$' -fuzz FuzzRecordFraming -fuzztime 20000x .
+	go test -run '^$$' -fuzz FuzzRESPReply -fuzztime 20000x .
 
 # The suite's results come last, then the tests it skipped and why (cmd/testsummary reads go
 # test -json: a skip, such as the Prometheus test without Debian's prometheus, is easy to miss).

@@ -69,6 +69,8 @@ type Config struct {
 
 	// MaxRate caps the copies per second of this middleware; 0 means no cap.
 	MaxRate float64 `json:"maxRate,omitempty"`
+	// Redis, with endpoints, makes maxRate the budget of all processes sharing its database.
+	Redis RedisConfig `json:"redis,omitempty"`
 	// MetricsAddress is a host:port where Prometheus metrics are served at /metrics.
 	MetricsAddress string `json:"metricsAddress,omitempty"`
 
@@ -108,6 +110,7 @@ func CreateConfig() *Config {
 		StreamStall: "1s",
 		Timeout:     "5s",
 		MaxInflight: 100,
+		Redis:       defaultRedis(),
 		Compare: CompareConfig{
 			MaxBodySize: 64 << 10,
 			Percent:     100,
@@ -205,6 +208,7 @@ type settings struct {
 	rateInterval  int64 // nanoseconds between copies at maxRate; 0: no cap
 	rateTolerance int64 // how far ahead of the rate a burst may go, in nanoseconds
 	maxRate       float64
+	redis         *redisOptions // nil: maxRate is this process's; else the fleet's (fleet.go)
 
 	metricsAddress string
 	metrics        bool // metricsAddress is set: the copies' durations, answers and bytes are counted
@@ -293,6 +297,10 @@ func compile(c *Config) (settings, error) {
 			burst = 1
 		}
 		s.rateTolerance = int64(burst-1) * s.rateInterval
+	}
+
+	if err := compileRedis(&s, c); err != nil {
+		return s, err
 	}
 
 	if s.metricsAddress, err = metricsAddress(c.MetricsAddress); err != nil {

@@ -222,4 +222,5 @@ func writeMetrics(w *bufio.Writer, all []*state) {
 			}
 		}
 	}
+	writeLeaseMetrics(w, all, mw)
 }

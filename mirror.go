@@ -38,12 +38,13 @@ type mirror struct {
 // New creates the mirroring middleware. A mistake in its options never takes the router down
 // unless failClosed says so: the middleware then mirrors nothing, says why at ERROR, and hands
 // every request to the next handler.
-func New(_ context.Context, next http.Handler, config *Config, name string) (http.Handler, error) {
+func New(ctx context.Context, next http.Handler, config *Config, name string) (http.Handler, error) {
 	st := stateFor(name)
 	cfg, err := compile(config)
 	if err == nil && cfg.compare != nil {
 		cfg.compare.log, err = useDiffLog(st, cfg.compare.logFile)
 	}
+	useLease(ctx, st, &cfg, err == nil && cfg.percent > 0)
 	if err != nil {
 		if config != nil && config.FailClosed {
 			return nil, err
@@ -313,7 +314,7 @@ func refused(m *mirror, req *http.Request, withBody bool) bool {
 		atomic.AddInt64(&m.st.counts[skipped], 1)
 	case withBody && m.maxBodySize >= 0 && req.ContentLength > m.maxBodySize:
 		count(m.st, tooLarge, nil)
-	case m.rateInterval > 0 && !allow(m.st, m.rateInterval, m.rateTolerance):
+	case m.rateInterval > 0 && (m.redis == nil && !allow(m.st, m.rateInterval, m.rateTolerance) || m.redis != nil && !spend(m)):
 		count(m.st, rateLimited, nil)
 	default:
 		return false

@@ -259,6 +259,7 @@ func (c chunked) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 func TestCreateConfigDefaults(t *testing.T) {
 	want := &Config{Percent: 100, MirrorBody: true, MaxBodySize: 1 << 20, BodyBuffer: 1 << 20, StreamStall: "1s", Timeout: "5s", MaxInflight: 100,
+		Redis:   RedisConfig{DialTimeout: "5s", ReadTimeout: "3s", WriteTimeout: "3s"},
 		Compare: CompareConfig{MaxBodySize: 64 << 10, Percent: 100},
 		Record: RecordConfig{What: "copies", MaxSize: 100 << 20, MaxFiles: 10, MaxBodySize: 1 << 20,
 			RedactHeaders: []string{"Authorization", "Cookie", "Proxy-Authorization", "Set-Cookie"}}}

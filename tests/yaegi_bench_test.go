@@ -1,8 +1,10 @@
 package tests
 
 import (
+	"bufio"
 	"bytes"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -144,6 +146,7 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	stingy := stingyRedis(b)
 	cases := []struct {
 		name    string
 		method  string
@@ -154,6 +157,9 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 		{"sampledOut", http.MethodGet, 0, 1e-6, nil},
 		{"filtered", http.MethodGet, 0, 100, map[string]any{"pathRegex": "^/api/"}},
 		{"rateLimited", http.MethodGet, 0, 100, map[string]any{"maxRate": "0.000001"}},
+		// The same budget shared through Redis, which grants nothing: the client's path spends
+		// from the local lease, as rateLimited does from the local bucket.
+		{"rateLimited_redis", http.MethodGet, 0, 100, map[string]any{"maxRate": "0.000001", "redis": map[string]any{"endpoints": stingy}}},
 		{"GET", http.MethodGet, 0, 100, nil},
 		{"POST_1KiB", http.MethodPost, 1 << 10, 100, nil},
 		// With metrics served: the durations, answers and bytes counted too.
@@ -194,6 +200,11 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 			if bc.config != nil { // the first copy takes the slot, or meets the refusal
 				h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(bc.method, "/", nil))
 			}
+			if bc.config["redis"] != nil { // the first lease (100 ms at most), then the shared budget's refusals
+				for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); {
+					h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(bc.method, "/", nil))
+				}
+			}
 			body := []byte(strings.Repeat("b", bc.size))
 			rw := httptest.NewRecorder()
 			// Copies that reach a healthy mirror are paced, so that none is dropped.
@@ -219,6 +230,36 @@ func BenchmarkYaegiServeHTTP(b *testing.B) {
 			b.ReportMetric(float64(count()-before)/float64(b.N), "copies/op")
 		})
 	}
+}
+
+// stingyRedis is a fake Redis on loopback that answers every command as the budget script does
+// when the bucket is empty: nothing granted, one process.
+func stingyRedis(b *testing.B) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				sc := bufio.NewScanner(c)
+				for sc.Scan() {
+					if strings.HasPrefix(sc.Text(), "*") { // a command's first line
+						if _, err := c.Write([]byte("*2\r\n:0\r\n:1\r\n")); err != nil {
+							return
+						}
+					}
+				}
+			}()
+		}
+	}()
+	return l.Addr().String()
 }
 
 // paceCopies waits until fewer than limit of the sent copies are still on their way.

@@ -73,7 +73,17 @@ var allScenarios = []scenario{
 	// plugin-twin is a second Traefik configured as plugin: how far two identical setups differ
 	// in one run, the noise that compare's cost is weighed against.
 	{"compare-1KiB-paced", 1 << 10, "healthy", 100, []string{"none", "plugin", "plugin-twin", "plugin-compare"}, 500, true},
+	// maxRate per process next to maxRate shared through Redis (issue #20): the client's path
+	// spends a local token either way; the leases are taken in the background.
+	{"maxRate-1KiB", 1 << 10, "healthy", 100, []string{"none", "plugin-maxrate", "plugin-redis"}, 0, false},
 }
+
+// benchMaxRate is the copies per second of the maxRate scenario: well below what the machine
+// serves, so that most requests are refused by the budget, the path under test.
+const benchMaxRate = 500
+
+// redisServer is the Redis of the plugin-redis mode, started on first use.
+var redisServer *harness.Redis
 
 // jsonAnswer is the 1 KiB JSON document of the compare scenarios.
 var jsonAnswer = func() []byte {
@@ -94,7 +104,7 @@ func main() {
 	rounds := flag.Int("rounds", 6, "rounds of alternation (A B C, then C B A, ...)")
 	conns := flag.Int("conns", 32, "keep-alive client connections")
 	only := flag.String("scenarios", "", "comma-separated scenario names (default: all)")
-	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, floor, guarded, plugin, plugin-bare, plugin-stream, plugin-record, plugin-compare, plugin-twin (default: each scenario's own list)")
+	modes := flag.String("modes", "", "comma-separated modes to run: none, builtin, builtin-1MiB, floor, guarded, plugin, plugin-bare, plugin-stream, plugin-record, plugin-compare, plugin-twin, plugin-maxrate, plugin-redis (default: each scenario's own list)")
 	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of each Traefik during its first run")
 	flag.Parse()
 	var err error
@@ -292,6 +302,13 @@ func dynamicFor(mode string, sc scenario, primary, mirror string) string {
 	case "plugin-record": // the example's options, every copy recorded (rotated at 100 MiB, 10 kept)
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "record": map[string]any{"file": filepath.Join(recordDir, "copies.gor")}})
 		d.Router("api", "/", "primary", "mirror-api")
+	case "plugin-maxrate":
+		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "maxRate": benchMaxRate})
+		d.Router("api", "/", "primary", "mirror-api")
+	case "plugin-redis":
+		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "maxRate": benchMaxRate,
+			"redis": map[string]any{"endpoints": []string{redisServer.Addr}}})
+		d.Router("api", "/", "primary", "mirror-api")
 	case "plugin-compare":
 		d.Mirror("mirror-api", map[string]any{"url": "http://" + mirror, "percent": sc.percent, "compare": map[string]any{"enabled": true}})
 		d.Router("api", "/", "primary", "mirror-api")
@@ -326,6 +343,12 @@ func runScenario(sc scenario, duration time.Duration, rounds, conns int) error {
 		}
 		r := &modeRun{name: mode, primary: primary, mirror: mirror}
 		runs = append(runs, r)
+		if mode == "plugin-redis" && redisServer == nil {
+			if redisServer, err = harness.StartRedis(); err != nil {
+				return err
+			}
+			defer func() { redisServer.Stop(); redisServer = nil }()
+		}
 		addrs, err := harness.FreeAddrs(2)
 		if err != nil {
 			return err
