@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -75,23 +76,29 @@ func leaseGauge(tr *harness.Traefik, family string) (float64, bool) {
 
 // load sends rate requests per second to each Traefik for d, in parallel, and returns the
 // requests that did not end in 200.
-func load(t *testing.T, client *http.Client, d time.Duration, rates map[*harness.Traefik]float64) int64 {
-	t.Helper()
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var bad int64
+func load(client *http.Client, d time.Duration, rates map[*harness.Traefik]float64) int64 {
+	fronts := map[string]float64{}
 	for tr, rate := range rates {
+		fronts[tr.WebURL] = rate
+	}
+	return loadFronts(client, d, fronts)
+}
+
+// loadFronts sends rate requests per second to each front's /fleet for d, in parallel, and
+// returns the requests that did not end in 200.
+func loadFronts(client *http.Client, d time.Duration, rates map[string]float64) int64 {
+	var wg sync.WaitGroup
+	var bad atomic.Int64
+	for front, rate := range rates {
 		wg.Add(1)
 		go func(url string, rate float64) {
 			defer wg.Done()
 			_, b := harness.Paced(client, url, rate, d)
-			mu.Lock()
-			bad += b
-			mu.Unlock()
-		}(tr.WebURL+"/fleet", rate)
+			bad.Add(b)
+		}(front+"/fleet", rate)
 	}
 	wg.Wait()
-	return bad
+	return bad.Load()
 }
 
 // settle waits until the copies of the last requests have arrived: until the mirror's count has
@@ -113,7 +120,7 @@ func copiesPerSecond(t *testing.T, client *http.Client, mirror *harness.Upstream
 	t.Helper()
 	mark := make(chan int, 1)
 	time.AfterFunc(skip, func() { mark <- mirror.Count() })
-	bad := load(t, client, d, rates)
+	bad := load(client, d, rates)
 	settle(mirror)
 	var from int
 	select {

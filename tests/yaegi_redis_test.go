@@ -18,7 +18,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -76,20 +75,7 @@ func pacedCopies(t *testing.T, mirror *harness.Upstream, d, skip time.Duration, 
 	client := harness.Client(64)
 	mark := make(chan int, 1)
 	time.AfterFunc(skip, func() { mark <- mirror.Count() })
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var bad int64
-	for front, rate := range rates {
-		wg.Add(1)
-		go func(url string, rate float64) {
-			defer wg.Done()
-			_, b := harness.Paced(client, url, rate, d)
-			mu.Lock()
-			bad += b
-			mu.Unlock()
-		}(front+"/fleet", rate)
-	}
-	wg.Wait()
+	bad := loadFronts(client, d, rates)
 	settle(mirror)
 	var from int
 	select {
