@@ -266,10 +266,10 @@ func TestLeaseFallbackAndReturn(t *testing.T) {
 	}, "the shared budget did not come back")
 }
 
-// One goroutine per middleware name, however many instances and rebuilds; none once the name has
-// no redis block.
-func TestLeaseOneGoroutinePerName(t *testing.T) {
-	// Not parallel: it counts every budget goroutine of the process.
+// quietRedis is a fake Redis that grants nothing and accepts everything, once no budget goroutine
+// of another test runs: for the tests that count them.
+func quietRedis(t *testing.T) *fakeRedis {
+	t.Helper()
 	fr := newFakeRedis(t, func(cmd []string) []byte {
 		if cmd[0] == "EVALSHA" {
 			return []byte("*2\r\n:0\r\n:1\r\n")
@@ -277,6 +277,14 @@ func TestLeaseOneGoroutinePerName(t *testing.T) {
 		return []byte("+OK\r\n")
 	})
 	eventually(t, func() bool { return atomic.LoadInt64(&leaseLoops) == 0 }, "budget goroutines of other tests still run")
+	return fr
+}
+
+// One goroutine per middleware name, however many instances and rebuilds; none once the name has
+// no redis block.
+func TestLeaseOneGoroutinePerName(t *testing.T) {
+	// Not parallel: it counts every budget goroutine of the process.
+	fr := quietRedis(t)
 	name := testName(t)
 	cfg := CreateConfig()
 	cfg.URL = "http://127.0.0.1:1"
@@ -387,13 +395,7 @@ func TestAllowUnderContention(t *testing.T) {
 // name without its goroutine, nor with two.
 func TestLeaseOnOffOn(t *testing.T) {
 	// Not parallel: it counts every budget goroutine of the process.
-	fr := newFakeRedis(t, func(cmd []string) []byte {
-		if cmd[0] == "EVALSHA" {
-			return []byte("*2\r\n:0\r\n:1\r\n")
-		}
-		return []byte("+OK\r\n")
-	})
-	eventually(t, func() bool { return atomic.LoadInt64(&leaseLoops) == 0 }, "budget goroutines of other tests still run")
+	fr := quietRedis(t)
 	name := testName(t)
 	on := CreateConfig()
 	on.URL = "http://127.0.0.1:1"
