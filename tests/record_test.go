@@ -549,15 +549,17 @@ func TestRecordFailuresLeaveCopiesAlone(t *testing.T) {
 		require.True(t, ok, "copy %d of %d", i, per*len(names))
 		assert.Equal(t, body, c.Body)
 	}
+	// A copy's record is written (or fails) before the copy is sent, and the copy is counted once
+	// the mirror has answered: both counts are awaited.
 	s := waitScrape(t, metrics, func(s *scrape) bool {
 		for _, name := range names {
 			v, _ := s.value("traefik_mirror_record_failures_total", map[string]string{"middleware": "m-" + name + "@file"})
-			if v != per {
+			if v != per || s.outcome("m-"+name+"@file", "sent") != per {
 				return false
 			}
 		}
 		return true
-	}, "record failures")
+	}, "record failures and copies sent")
 	log := ansiEscape.ReplaceAllString(e.traefik.Log(), "")
 	for _, name := range names {
 		assert.Equal(t, float64(per), s.outcome("m-"+name+"@file", "sent"), name)
