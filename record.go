@@ -136,9 +136,9 @@ func keepRecord(m *mirror, c *copyRequest, out *http.Request, u *url.URL) {
 	if rs.differences && (c.capture == nil || c.stream != nil) {
 		return // only a compared copy can differ, and a streamed one is not compared
 	}
-	// The request's target, as the primary got it (out.URL is the mirror's now). bounded: by
-	// Traefik's request-line limit; it is only written into the record, never parsed as a URL.
-	target := u.RequestURI()
+	// The request's target, as the primary got it (out.URL is the mirror's now): only written
+	// into the record, never parsed as a URL.
+	target := u.RequestURI() // bounded: by Traefik's request-line limit (its max header bytes)
 	if strings.IndexByte(target, ' ') >= 0 {
 		// A raw query may hold spaces (HTTP/2's :path is not split on them): written as they
 		// came, the request line would not parse, and GoReplay would skip the record.

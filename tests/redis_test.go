@@ -74,16 +74,6 @@ func leaseGauge(tr *harness.Traefik, family string) (float64, bool) {
 	return s.value(family, map[string]string{"middleware": "mirror-api@file"})
 }
 
-// load sends rate requests per second to each Traefik for d, in parallel, and returns the
-// requests that did not end in 200.
-func load(client *http.Client, d time.Duration, rates map[*harness.Traefik]float64) int64 {
-	fronts := map[string]float64{}
-	for tr, rate := range rates {
-		fronts[tr.WebURL] = rate
-	}
-	return loadFronts(client, d, fronts)
-}
-
 // loadFronts sends rate requests per second to each front's /fleet for d, in parallel, and
 // returns the requests that did not end in 200.
 func loadFronts(client *http.Client, d time.Duration, rates map[string]float64) int64 {
@@ -118,19 +108,11 @@ func settle(mirror *harness.Upstream) {
 // left (the bucket full at the very start, a process's lease held when its traffic stopped).
 func copiesPerSecond(t *testing.T, client *http.Client, mirror *harness.Upstream, d, skip time.Duration, rates map[*harness.Traefik]float64) float64 {
 	t.Helper()
-	mark := make(chan int, 1)
-	time.AfterFunc(skip, func() { mark <- mirror.Count() })
-	bad := load(client, d, rates)
-	settle(mirror)
-	var from int
-	select {
-	case from = <-mark:
-	case <-time.After(waitLimit):
-		t.Fatal("the phase was shorter than its skip")
+	fronts := map[string]float64{}
+	for tr, rate := range rates {
+		fronts[tr.WebURL] = rate
 	}
-	got := float64(mirror.Count()-from) / (d - skip).Seconds()
-	assert.Zero(t, bad, "requests that did not end in 200")
-	return got
+	return pacedCopies(t, client, mirror, d, skip, fronts)
 }
 
 // Three Traefik processes sharing one Redis send maxRate copies per second in all, whatever the

@@ -70,9 +70,8 @@ func startFleetMirror(t *testing.T) *harness.Upstream {
 
 // pacedCopies sends rate requests per second to each front for d and returns the copies per
 // second the mirror got after skip.
-func pacedCopies(t *testing.T, mirror *harness.Upstream, d, skip time.Duration, rates map[string]float64) float64 {
+func pacedCopies(t *testing.T, client *http.Client, mirror *harness.Upstream, d, skip time.Duration, rates map[string]float64) float64 {
 	t.Helper()
-	client := harness.Client(64)
 	mark := make(chan int, 1)
 	time.AfterFunc(skip, func() { mark <- mirror.Count() })
 	bad := loadFronts(client, d, rates)
@@ -102,17 +101,18 @@ func TestYaegiRedisFleet(t *testing.T) {
 		require.Eventually(t, func() bool { return m.gauge(t, "traefik_mirror_lease_processes", name) == 2 },
 			waitLimit, 20*time.Millisecond, "both processes counted")
 	}
+	client := harness.Client(64)
 	// Windows of 4 s after 2 s: the bound is 2 x 4 held + 2 of refill over 80, 12.5%; 15% is
 	// allowed for the interpreter's pauses under -race on two cores.
-	split := pacedCopies(t, mirror, 6*time.Second, 2*time.Second, map[string]float64{a.front: 30, b.front: 30})
+	split := pacedCopies(t, client, mirror, 6*time.Second, 2*time.Second, map[string]float64{a.front: 30, b.front: 30})
 	t.Logf("split: %.1f copies/s", split)
 	assert.InDelta(t, 20, split, 3, "split 1:1")
-	one := pacedCopies(t, mirror, 6*time.Second, 2*time.Second, map[string]float64{a.front: 60})
+	one := pacedCopies(t, client, mirror, 6*time.Second, 2*time.Second, map[string]float64{a.front: 60})
 	t.Logf("all on one: %.1f copies/s", one)
 	assert.InDelta(t, 20, one, 3, "all on one")
 
 	r.Stop()
-	down := pacedCopies(t, mirror, 6*time.Second, 3*time.Second, map[string]float64{a.front: 60})
+	down := pacedCopies(t, client, mirror, 6*time.Second, 3*time.Second, map[string]float64{a.front: 60})
 	t.Logf("Redis down: %.1f copies/s", down)
 	assert.InDelta(t, 10, down, 2, "the fallback: maxRate 20 / 2 processes")
 	waitLine(t, a.p.stderr, "mirror "+name+": redis "+r.Addr+": ")
